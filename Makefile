@@ -1,0 +1,37 @@
+# taskapp — the two commands: `make run` (whole stack, embedded services) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+## Start PostgreSQL + Redis (embedded unless TASKAPP_DATABASE_URL/TASKAPP_REDIS_URL are set),
+## migrate, and serve the API on http://127.0.0.1:8000 in the foreground.
+run: install
+	$(BIN)/taskapp run
+
+## The full test suite against real PostgreSQL and Redis (local ones if they answer, else embedded).
+test: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy taskapp
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

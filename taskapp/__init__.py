@@ -1,0 +1,1 @@
+"""taskapp: a multi-user task management service."""

@@ -1,0 +1,117 @@
+"""The ASGI application: lifespan-managed clients, middleware, routes and error handlers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from taskapp.auth.devkey import DEV_ISSUER, dev_key_source
+from taskapp.auth.jwks import KeySource, OIDCKeySource
+from taskapp.auth.tokens import TokenVerifier
+from taskapp.config import Settings, get_settings
+from taskapp.db import create_engine, create_session_factory
+from taskapp.errors import install_error_handlers
+from taskapp.observability.health import router as health_router
+from taskapp.observability.logging import configure_logging
+from taskapp.observability.requestid import RequestIdMiddleware
+from taskapp.redis_client import create_redis
+from taskapp.tasks.router import router as tasks_router
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigurationError(RuntimeError):
+    """The service cannot start with the settings it was given."""
+
+
+def _key_source(settings: Settings, http: httpx.AsyncClient) -> tuple[KeySource, str]:
+    oidc = settings.oidc
+    if oidc.issuer is not None:
+        source = OIDCKeySource(
+            oidc.issuer, http, ttl=oidc.jwks_cache_ttl, cooldown=oidc.jwks_refetch_cooldown
+        )
+        return source, oidc.issuer
+    if oidc.trust_dev_key and not settings.is_production:
+        return dev_key_source(settings.data_dir), DEV_ISSUER
+    raise ConfigurationError(
+        "TASKAPP_OIDC_ISSUER is not set: point it at your OpenID Connect provider "
+        "(Keycloak: http://host:8080/realms/NAME), or use `taskapp run` for local development"
+    )
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    http = httpx.AsyncClient(timeout=settings.oidc.http_timeout, follow_redirects=False)
+    keys, issuer = _key_source(settings, http)
+    engine = create_engine(settings.database)
+    redis = create_redis(settings.redis)
+    app.state.engine = engine
+    app.state.session_factory = create_session_factory(engine)
+    app.state.redis = redis
+    app.state.token_verifier = TokenVerifier(
+        keys, issuer=issuer, audience=settings.oidc.audience, leeway=settings.oidc.leeway
+    )
+    try:
+        yield
+    finally:
+        await http.aclose()
+        await redis.aclose()
+        await engine.dispose()
+
+
+def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    """The OpenAPI document, plus the provider's login flow for Swagger UI when configured."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    if settings.oidc.issuer and settings.oidc.swagger_client_id:
+        schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+        schemes["oidc"] = {
+            "type": "openIdConnect",
+            "openIdConnectUrl": f"{settings.oidc.issuer}/.well-known/openid-configuration",
+        }
+        for path in schema["paths"].values():
+            for operation in path.values():
+                if {"bearerAuth": []} in operation.get("security", []):
+                    operation["security"].append({"oidc": ["openid"]})
+    app.openapi_schema = schema
+    return schema
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the application; clients are created when it starts, not at import."""
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    swagger_oauth = None
+    if settings.oidc.swagger_client_id:
+        swagger_oauth = {
+            "clientId": settings.oidc.swagger_client_id,
+            "usePkceWithAuthorizationCodeGrant": True,
+            "scopes": "openid",
+        }
+    app = FastAPI(
+        title="taskapp",
+        version="0.1.0",
+        description="Multi-user task management API. Authenticate with an OIDC bearer token.",
+        lifespan=lifespan,
+        docs_url="/docs" if settings.docs_enabled else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs_enabled else None,
+        swagger_ui_init_oauth=swagger_oauth,
+    )
+    app.state.settings = settings
+    app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
+    install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+    app.include_router(health_router)
+    app.include_router(tasks_router)
+    return app

@@ -1,0 +1,1 @@
+"""Authentication (OIDC access tokens) and authorization (roles)."""

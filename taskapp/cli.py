@@ -1,0 +1,166 @@
+"""The `taskapp` command: run | serve | migrate | token."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from taskapp.config import Settings
+
+APP = "taskapp.app:create_app"
+
+
+def _settings() -> Settings:
+    """Settings from the environment, or a readable list of what is wrong, then exit."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "settings"
+            lines.append(f"  - {where}: {error['msg']}")
+        sys.exit("taskapp: invalid configuration:\n" + "\n".join(lines))
+
+
+def _serve(host: str, port: int, workers: int, log_level: str) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        APP,
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level.lower(),
+        server_header=False,
+        timeout_graceful_shutdown=20,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    """Development mode: embedded PostgreSQL/Redis unless configured, dev tokens, migrations."""
+    from taskapp.auth.devkey import load_or_create_dev_key
+    from taskapp.db import upgrade_database
+    from taskapp.embedded import embedded_postgres, embedded_redis
+
+    settings = _settings()
+    if settings.is_production:
+        sys.exit("taskapp run is the development mode; use `taskapp serve` in production")
+    data_dir = settings.data_dir.resolve()
+    os.environ["TASKAPP_DATA_DIR"] = str(data_dir)
+    with contextlib.ExitStack() as stack:
+        if settings.database.url is None:
+            print(f"Starting embedded PostgreSQL in {data_dir / 'postgres'}", flush=True)
+            url = stack.enter_context(embedded_postgres(data_dir / "postgres"))
+            os.environ["TASKAPP_DATABASE_URL"] = url
+        if settings.redis.url is None:
+            print(f"Starting embedded Redis in {data_dir / 'redis'}", flush=True)
+            os.environ["TASKAPP_REDIS_URL"] = stack.enter_context(
+                embedded_redis(data_dir / "redis")
+            )
+        if settings.oidc.issuer is None:
+            load_or_create_dev_key(data_dir)
+            os.environ["TASKAPP_OIDC_TRUST_DEV_KEY"] = "true"
+            print(
+                "Auth: dev signing key; mint a token with `taskapp token --sub alice --roles user`",
+                flush=True,
+            )
+        upgrade_database(os.environ["TASKAPP_DATABASE_URL"])
+        print(f"Serving taskapp on http://{args.host}:{args.port} (docs at /docs)", flush=True)
+        _serve(args.host, args.port, args.workers, settings.log_level)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Production server: configured services only; never trusts the dev key."""
+    os.environ.pop("TASKAPP_OIDC_TRUST_DEV_KEY", None)
+    settings = _settings()
+    missing = [
+        name
+        for name, value in (
+            ("TASKAPP_DATABASE_URL", settings.database.url),
+            ("TASKAPP_REDIS_URL", settings.redis.url),
+            ("TASKAPP_OIDC_ISSUER", settings.oidc.issuer),
+        )
+        if value is None
+    ]
+    if missing:
+        sys.exit(f"taskapp serve needs {', '.join(missing)} (or use `taskapp run` for development)")
+    _serve(args.host, args.port, args.workers, settings.log_level)
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    """Apply all database migrations (alembic upgrade head)."""
+    from taskapp.db import upgrade_database
+
+    settings = _settings()
+    if settings.database.url is None:
+        sys.exit("taskapp migrate needs TASKAPP_DATABASE_URL")
+    upgrade_database(settings.database.url.get_secret_value())
+
+
+def cmd_token(args: argparse.Namespace) -> None:
+    """Print an access token signed with the dev key of `taskapp run`."""
+    from taskapp.auth.devkey import DEV_ISSUER, load_or_create_dev_key, mint_token
+
+    settings = _settings()
+    if settings.is_production:
+        sys.exit("taskapp token is refused when TASKAPP_ENV=production")
+    roles = [role for value in args.roles for role in value.split(",") if role]
+    key = load_or_create_dev_key(settings.data_dir.resolve())
+    print(
+        mint_token(
+            key,
+            issuer=DEV_ISSUER,
+            audience=settings.oidc.audience,
+            subject=args.sub,
+            roles=roles,
+            email=args.email,
+            name=args.name,
+            lifetime=args.lifetime,
+        )
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="taskapp", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help=cmd_run.__doc__)
+    run.add_argument("--host", default="127.0.0.1")
+    run.add_argument("--port", type=int, default=8000)
+    run.add_argument("--workers", type=int, default=2)
+    run.set_defaults(func=cmd_run)
+
+    serve = commands.add_parser("serve", help=cmd_serve.__doc__)
+    serve.add_argument("--host", default="0.0.0.0")  # noqa: S104 - a server's job
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    serve.set_defaults(func=cmd_serve)
+
+    migrate = commands.add_parser("migrate", help=cmd_migrate.__doc__)
+    migrate.set_defaults(func=cmd_migrate)
+
+    token = commands.add_parser("token", help=cmd_token.__doc__)
+    token.add_argument("--sub", required=True, help="subject (the task owner)")
+    token.add_argument(
+        "--roles", action="append", default=[], help="comma-separated roles, e.g. user or admin"
+    )
+    token.add_argument("--email")
+    token.add_argument("--name")
+    token.add_argument("--lifetime", type=int, default=3600, help="seconds")
+    token.set_defaults(func=cmd_token)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Settings: one object, read from `TASKAPP_*` environment variables (and `.env`).
+
+Each concern is a group with its own prefix, so the external names stay flat and stable
+(`TASKAPP_DATABASE_URL`, `TASKAPP_OIDC_ISSUER`, ...) while the code reads
+`settings.database.url`, `settings.oidc.issuer`.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Self
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRETS = frozenset({"changethis", "changeme", "secret", "password"})
+
+
+class Environment(StrEnum):
+    DEV = "dev"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+def _group(prefix: str) -> SettingsConfigDict:
+    return SettingsConfigDict(
+        env_prefix=prefix, env_file=".env", extra="ignore", validate_default=True
+    )
+
+
+class DatabaseSettings(BaseSettings):
+    """`TASKAPP_DATABASE_*`: the PostgreSQL connection and its pool."""
+
+    model_config = _group("TASKAPP_DATABASE_")
+
+    url: SecretStr | None = None
+    pool_size: Annotated[int, Field(ge=1, le=500)] = 10
+    max_overflow: Annotated[int, Field(ge=0, le=500)] = 10
+    # Seconds a request waits for a free connection before it gets a 503.
+    pool_timeout: Annotated[float, Field(gt=0, le=120)] = 5.0
+    pool_recycle: Annotated[int, Field(ge=-1)] = 1800
+    connect_timeout: Annotated[float, Field(gt=0, le=120)] = 5.0
+    # Server-side statement timeout in seconds; 0 disables it.
+    statement_timeout: Annotated[float, Field(ge=0, le=3600)] = 15.0
+    echo: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _async_driver(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        url = value.get_secret_value()
+        # Accept the URL forms people paste (postgres://, postgresql://) and pin asyncpg.
+        url = re.sub(r"^(postgres|postgresql)(\+\w+)?://", "postgresql+asyncpg://", url)
+        if not url.startswith("postgresql+asyncpg://"):
+            raise ValueError("must be a PostgreSQL URL (postgresql://user:pass@host:5432/db)")
+        return SecretStr(url)
+
+
+class RedisSettings(BaseSettings):
+    """`TASKAPP_REDIS_*`: the Redis server."""
+
+    model_config = _group("TASKAPP_REDIS_")
+
+    url: SecretStr | None = None
+    # Redis is on the hot path later (cache, rate limit): never let it stall a request.
+    socket_timeout: Annotated[float, Field(gt=0, le=30)] = 0.5
+
+    @field_validator("url")
+    @classmethod
+    def _redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not re.match(r"^(redis|rediss|unix)://", value.get_secret_value()):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+
+class OIDCSettings(BaseSettings):
+    """`TASKAPP_OIDC_*`: the OpenID Connect provider whose access tokens the API accepts."""
+
+    model_config = _group("TASKAPP_OIDC_")
+
+    # Keycloak: http://host:8080/realms/NAME. Unset only in the dev mode of `taskapp run`.
+    issuer: str | None = None
+    audience: str = "taskapp-api"
+    # Trust the local dev signing key in the data directory (set by `taskapp run` only).
+    trust_dev_key: bool = False
+    jwks_cache_ttl: Annotated[float, Field(gt=0)] = 300.0
+    # Least time between two JWKS fetches triggered by unknown key ids.
+    jwks_refetch_cooldown: Annotated[float, Field(ge=0)] = 10.0
+    http_timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
+    leeway: Annotated[int, Field(ge=0, le=300)] = 30
+    # Public client id (PKCE) that Swagger UI at /docs uses to log in; unset hides that flow.
+    swagger_client_id: str | None = None
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http(s) URL such as http://keycloak:8080/realms/taskapp")
+        # Tokens carry the issuer exactly as configured in the provider: no trailing slash.
+        return value.rstrip("/")
+
+
+class Settings(BaseSettings):
+    """All configuration of taskapp. Validated once at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TASKAPP_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    env: Environment = Environment.DEV
+    # Where `taskapp run` keeps its embedded PostgreSQL and Redis data and the dev key.
+    data_dir: Path = Path(".taskapp")
+    log_level: str = "INFO"
+    docs_enabled: bool = True
+
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    oidc: OIDCSettings = Field(default_factory=OIDCSettings)
+
+    @property
+    def is_production(self) -> bool:
+        return self.env is Environment.PRODUCTION
+
+    @model_validator(mode="after")
+    def _production_is_strict(self) -> Self:
+        if not self.is_production:
+            return self
+        problems = []
+        if self.oidc.issuer is None:
+            problems.append("TASKAPP_OIDC_ISSUER is required in production")
+        if self.oidc.trust_dev_key:
+            problems.append("TASKAPP_OIDC_TRUST_DEV_KEY must not be set in production")
+        for name, secret in (
+            ("TASKAPP_DATABASE_URL", self.database.url),
+            ("TASKAPP_REDIS_URL", self.redis.url),
+        ):
+            if secret is None:
+                problems.append(f"{name} is required in production")
+            elif _has_placeholder_password(secret.get_secret_value()):
+                problems.append(f"{name} uses a placeholder password; set a real one")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _has_placeholder_password(url: str) -> bool:
+    match = re.match(r"^[\w+]+://[^:/@]*:([^@]*)@", url)
+    return bool(match) and match.group(1).lower() in PLACEHOLDER_SECRETS  # type: ignore[union-attr]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,127 @@
+"""Database engine, sessions and the one place where a request's transaction commits."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import sqlalchemy.exc as sa_exc
+from fastapi import Depends, Request
+from sqlalchemy import MetaData
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import DeclarativeBase
+
+from taskapp.config import DatabaseSettings
+
+# Deterministic constraint names keep migrations and `alembic check` stable.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class DatabaseUnavailableError(Exception):
+    """The database cannot serve the request now (down, unreachable or pool exhausted)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+def create_engine(settings: DatabaseSettings, **overrides: Any) -> AsyncEngine:
+    """An asyncpg engine with a bounded, pre-pinged pool and client/server timeouts."""
+    if settings.url is None:
+        raise ValueError("TASKAPP_DATABASE_URL is not set")
+    server_settings = {"application_name": "taskapp"}
+    if settings.statement_timeout:
+        server_settings["statement_timeout"] = str(int(settings.statement_timeout * 1000))
+    options: dict[str, Any] = {
+        "pool_size": settings.pool_size,
+        "max_overflow": settings.max_overflow,
+        "pool_timeout": settings.pool_timeout,
+        "pool_recycle": settings.pool_recycle,
+        "pool_pre_ping": True,
+        "echo": settings.echo,
+        "connect_args": {
+            "timeout": settings.connect_timeout,
+            "server_settings": server_settings,
+        },
+    }
+    options.update(overrides)
+    return create_async_engine(settings.url.get_secret_value(), **options)
+
+
+def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    # expire_on_commit=False: responses are serialized from objects after the commit.
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+def unavailable_reason(exc: BaseException) -> str | None:
+    """Why `exc` means the database is unavailable, or None when it is a real bug."""
+    if isinstance(exc, sa_exc.TimeoutError):
+        return "Database is busy: no connection became free in time"
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated or isinstance(
+            exc, sa_exc.OperationalError | sa_exc.InterfaceError
+        ):
+            return "Database unavailable"
+        if type(exc.orig).__name__ in {"QueryCanceledError", "AdminShutdownError"}:
+            return "Database unavailable"
+        return None
+    # asyncpg raises plain OS errors (refused, reset, timed out) when it cannot connect.
+    if isinstance(exc, OSError):
+        return "Database unavailable"
+    return None
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """One session per request; commits once, after the handler, before the response."""
+    factory: async_sessionmaker[AsyncSession] = request.app.state.session_factory
+    async with factory() as session:
+        # Leaving the block closes the session; an uncommitted transaction rolls back.
+        try:
+            yield session
+            await session.commit()
+        except Exception as exc:
+            reason = unavailable_reason(exc)
+            if reason is not None:
+                raise DatabaseUnavailableError(reason) from exc
+            raise
+
+
+# scope="function": the commit runs before the response is sent, so a failed commit
+# becomes an error response instead of a 2xx for data that was never stored.
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+
+def alembic_config(database_url: str | None = None) -> Any:
+    """The project's Alembic configuration, optionally pointed at `database_url`."""
+    from pathlib import Path
+
+    from alembic.config import Config
+
+    root = Path(__file__).resolve().parent.parent
+    config = Config(str(root / "alembic.ini"))
+    config.set_main_option("script_location", str(root / "migrations"))
+    if database_url is not None:
+        config.attributes["database_url"] = database_url
+    return config
+
+
+def upgrade_database(database_url: str | None = None) -> None:
+    """`alembic upgrade head` against `database_url` (default: the configured one)."""
+    from alembic import command
+
+    command.upgrade(alembic_config(database_url), "head")

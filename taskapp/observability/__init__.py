@@ -1,0 +1,1 @@
+"""Request ids, logging and health endpoints."""

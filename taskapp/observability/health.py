@@ -1,0 +1,63 @@
+"""Liveness and readiness probes; no authentication, no database work beyond a ping."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy import text
+
+logger = logging.getLogger(__name__)
+router = APIRouter(tags=["health"])
+
+PROBE_TIMEOUT = 2.0
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, Literal["ok", "unavailable"]] = {}
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    """Liveness: the process is up and serving."""
+    return Health(status="ok")
+
+
+async def _probe(name: str, check: Awaitable[object]) -> bool:
+    try:
+        await asyncio.wait_for(check, PROBE_TIMEOUT)
+    except Exception as exc:
+        logger.warning("readiness: %s unavailable: %s", name, exc)
+        return False
+    return True
+
+
+async def _database_ok(request: Request) -> None:
+    async with request.app.state.engine.connect() as connection:
+        await connection.execute(text("SELECT 1"))
+
+
+@router.get(
+    "/readyz",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "The database or Redis is unreachable"}},
+)
+async def readyz(request: Request) -> JSONResponse:
+    """Readiness: the database and Redis both answer within a short timeout."""
+    database, redis = await asyncio.gather(
+        _probe("database", _database_ok(request)),
+        _probe("redis", request.app.state.redis.ping()),
+    )
+    checks = {
+        "database": "ok" if database else "unavailable",
+        "redis": "ok" if redis else "unavailable",
+    }
+    healthy = database and redis
+    body = Health(status="ok" if healthy else "unavailable", checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if healthy else 503)

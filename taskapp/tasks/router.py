@@ -1,0 +1,69 @@
+"""HTTP routes for tasks: parse, authorize, call one service method, return."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+
+from taskapp.auth.dependencies import AdminPrincipal, UserPrincipal
+from taskapp.errors import error_responses
+from taskapp.tasks.models import TaskStatus
+from taskapp.tasks.schemas import TaskCreate, TaskPage, TaskRead, TaskUpdate
+from taskapp.tasks.service import TaskServiceDep
+
+router = APIRouter(prefix="/tasks", tags=["tasks"], responses=error_responses(401, 403, 503))
+
+MAX_PAGE = 1_000_000
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=TaskRead)
+async def create_task(
+    body: TaskCreate, principal: UserPrincipal, service: TaskServiceDep
+) -> object:
+    """Create a task owned by the caller."""
+    return await service.create(principal, body)
+
+
+@router.get("", response_model=TaskPage)
+async def list_tasks(
+    principal: UserPrincipal,
+    service: TaskServiceDep,
+    page: Annotated[int, Query(ge=1, le=MAX_PAGE, description="1-based page number")] = 1,
+    page_size: Annotated[int, Query(ge=1, le=100, description="Tasks per page")] = 10,
+    owner: Annotated[
+        str | None,
+        Query(min_length=1, max_length=255, description="Admins only: one owner's tasks"),
+    ] = None,
+    task_status: Annotated[
+        TaskStatus | None, Query(alias="status", description="Only tasks in this status")
+    ] = None,
+) -> TaskPage:
+    """List the caller's tasks (all tasks for admins), newest first."""
+    return await service.list(
+        principal, page=page, page_size=page_size, owner=owner, status=task_status
+    )
+
+
+@router.get("/{task_id}", response_model=TaskRead, responses=error_responses(404))
+async def get_task(task_id: uuid.UUID, principal: UserPrincipal, service: TaskServiceDep) -> object:
+    """Read one task."""
+    return await service.get(principal, task_id)
+
+
+@router.patch("/{task_id}", response_model=TaskRead, responses=error_responses(404))
+async def update_task(
+    task_id: uuid.UUID, body: TaskUpdate, principal: UserPrincipal, service: TaskServiceDep
+) -> object:
+    """Change any of a task's title, description and status."""
+    return await service.update(principal, task_id, body)
+
+
+@router.delete("/{task_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(404))
+async def delete_task(
+    task_id: uuid.UUID, principal: AdminPrincipal, service: TaskServiceDep
+) -> Response:
+    """Delete a task (admins only)."""
+    await service.delete(principal, task_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

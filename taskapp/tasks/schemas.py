@@ -1,0 +1,94 @@
+"""Request and response bodies of the tasks API."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
+
+from taskapp.tasks.models import TaskStatus
+
+TITLE_MAX = 255
+DESCRIPTION_MAX = 10_000
+
+
+def _storable(value: str) -> str:
+    # PostgreSQL text cannot hold NUL, and a lone surrogate (valid JSON "\ud800") is not
+    # encodable UTF-8: refuse both here so they are a 422, not a driver error.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text") from None
+    return value
+
+
+Title = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=TITLE_MAX),
+    AfterValidator(_storable),
+]
+Description = Annotated[str, Field(max_length=DESCRIPTION_MAX), AfterValidator(_storable)]
+
+
+class TaskCreate(BaseModel):
+    """A new task. Unknown fields are rejected so typos do not pass silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: Title
+    description: Description | None = None
+    status: TaskStatus = TaskStatus.PENDING
+
+
+class TaskUpdate(BaseModel):
+    """A partial update: only the fields sent change; at least one must be sent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: Title | None = None
+    description: Description | None = None
+    status: TaskStatus | None = None
+
+    @model_validator(mode="after")
+    def _meaningful(self) -> Self:
+        if not self.model_fields_set:
+            raise ValueError("at least one of title, description, status is required")
+        # description may be cleared with null; a task always has a title and a status.
+        for name in ("title", "status"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} must not be null")
+        return self
+
+    def changes(self) -> dict[str, object]:
+        """The fields the client sent, as column values."""
+        return self.model_dump(mode="json", include=self.model_fields_set)
+
+
+class TaskRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    owner: str
+    title: str
+    description: str | None
+    status: TaskStatus
+    created_at: datetime
+    updated_at: datetime
+
+
+class TaskPage(BaseModel):
+    total: int
+    page: int
+    page_size: int
+    items: list[TaskRead]

@@ -1,0 +1,104 @@
+"""Test session: real PostgreSQL, real Redis, a real OIDC provider, the app in-process."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from taskapp.app import create_app
+from taskapp.config import DatabaseSettings, OIDCSettings, RedisSettings, Settings
+from taskapp.db import upgrade_database
+from tests.fixtures.oidc import OIDCProvider, serve_provider
+from tests.fixtures.services import postgres_server, redis_server, scratch_database
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("services")
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url(session_dir: Path) -> Iterator[str]:
+    with postgres_server(session_dir) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_url(session_dir: Path) -> Iterator[str]:
+    with redis_server(session_dir) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres_admin_url: str) -> Iterator[str]:
+    """A migrated database of its own for this test session."""
+    with scratch_database(postgres_admin_url) as url:
+        upgrade_database(url)
+        yield url
+
+
+@pytest.fixture(scope="session")
+def oidc() -> Iterator[OIDCProvider]:
+    yield from serve_provider()
+
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture(scope="session")
+def make_settings(database_url: str, redis_url: str, oidc: OIDCProvider) -> SettingsFactory:
+    """Settings for an app under test; keyword groups override single fields."""
+
+    def make(
+        *,
+        database: dict[str, Any] | None = None,
+        redis: dict[str, Any] | None = None,
+        oidc_: dict[str, Any] | None = None,
+        **top: Any,
+    ) -> Settings:
+        return Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            env="test",
+            database=DatabaseSettings(
+                _env_file=None,  # type: ignore[call-arg]
+                **{"url": database_url, "pool_timeout": 2, **(database or {})},
+            ),
+            redis=RedisSettings(_env_file=None, **{"url": redis_url, **(redis or {})}),  # type: ignore[call-arg]
+            oidc=OIDCSettings(_env_file=None, **{"issuer": oidc.issuer, **(oidc_ or {})}),  # type: ignore[call-arg]
+            **top,
+        )
+
+    return make
+
+
+@contextlib.asynccontextmanager
+async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """The app started (lifespan) with an HTTP client speaking ASGI to it."""
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://taskapp.test") as client:
+            yield client
+
+
+@pytest.fixture(scope="session")
+async def app(make_settings: SettingsFactory) -> AsyncIterator[FastAPI]:
+    application = create_app(make_settings())
+    async with running(application) as client:
+        application.state.test_client = client
+        yield application
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """The shared app's client; every task is removed after the test."""
+    yield app.state.test_client
+    async with app.state.engine.begin() as connection:
+        await connection.execute(text("TRUNCATE tasks"))
