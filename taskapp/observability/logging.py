@@ -22,3 +22,5 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # One line per outgoing JWKS request is noise; failures are logged by the caller.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -1,0 +1,185 @@
+"""The `taskapp` command as people use it: separate processes, real ports, real servers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from taskapp.auth.devkey import DEV_ISSUER, DEV_KEY_FILE
+
+TASKAPP = str(Path(sys.executable).with_name("taskapp"))
+
+
+def _env(**values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKAPP_")}
+    env.update(values)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def _server(
+    args: list[str], env: dict[str, str], port: int, cwd: Path
+) -> Iterator[subprocess.Popen]:
+    log = (cwd / "server.log").open("wb")
+    process = subprocess.Popen(
+        [TASKAPP, *args, "--port", str(port)],
+        env=env,
+        cwd=cwd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert process.poll() is None, (cwd / "server.log").read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("server did not become healthy:\n" + (cwd / "server.log").read_text())
+        yield process
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def _token(data_dir: Path, *args: str) -> str:
+    result = subprocess.run(
+        [TASKAPP, "token", *args],
+        env=_env(TASKAPP_DATA_DIR=str(data_dir)),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout.strip()
+
+
+def test_token_is_keycloak_shaped_and_signed_with_the_dev_key(tmp_path):
+    token = _token(tmp_path, "--sub", "alice", "--roles", "user", "--email", "alice@example.com")
+    key = serialization.load_pem_private_key((tmp_path / DEV_KEY_FILE).read_bytes(), None)
+    claims = jwt.decode(token, key.public_key(), algorithms=["RS256"], audience="taskapp-api")
+    assert claims["iss"] == DEV_ISSUER
+    assert claims["sub"] == "alice"
+    assert claims["typ"] == "Bearer"
+    assert "user" in claims["realm_access"]["roles"]
+    assert claims["email"] == "alice@example.com"
+    assert jwt.get_unverified_header(token)["kid"]
+    assert (tmp_path / DEV_KEY_FILE).stat().st_mode & 0o077 == 0
+
+
+def test_token_refused_in_production(tmp_path):
+    result = subprocess.run(
+        [TASKAPP, "token", "--sub", "alice", "--roles", "user"],
+        env=_env(TASKAPP_DATA_DIR=str(tmp_path), TASKAPP_ENV="production"),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert not (tmp_path / DEV_KEY_FILE).exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TASKAPP_ENV": "production"}, "TASKAPP_OIDC_ISSUER is required in production"),
+        (
+            {
+                "TASKAPP_DATABASE_URL": "postgresql://x@127.0.0.1/x",
+                "TASKAPP_REDIS_URL": "redis://127.0.0.1",
+            },
+            "taskapp serve needs TASKAPP_OIDC_ISSUER",
+        ),
+        (
+            {
+                "TASKAPP_DATABASE_URL": "postgresql://x@127.0.0.1/x",
+                "TASKAPP_REDIS_URL": "redis://127.0.0.1",
+                "TASKAPP_OIDC_TRUST_DEV_KEY": "true",
+            },
+            "taskapp serve needs TASKAPP_OIDC_ISSUER",
+        ),
+    ],
+)
+def test_serve_refuses_to_start_without_an_issuer(tmp_path, env, message):
+    result = subprocess.run(
+        [TASKAPP, "serve", "--port", str(_free_port())],
+        env=_env(TASKAPP_DATA_DIR=str(tmp_path), **env),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_serve_uses_the_configured_provider_and_never_the_dev_key(
+    tmp_path, database_url, redis_url, oidc
+):
+    port = _free_port()
+    env = _env(
+        TASKAPP_DATA_DIR=str(tmp_path),
+        TASKAPP_DATABASE_URL=database_url,
+        TASKAPP_REDIS_URL=redis_url,
+        TASKAPP_OIDC_ISSUER=oidc.issuer,
+        TASKAPP_OIDC_TRUST_DEV_KEY="true",
+    )
+    dev_token = _token(tmp_path, "--sub", "mallory", "--roles", "admin")
+    with _server(["serve", "--workers", "2"], env, port, tmp_path):
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/tasks", headers=oidc.auth("alice")).status_code == 200
+        refused = httpx.get(f"{base}/tasks", headers={"Authorization": f"Bearer {dev_token}"})
+        assert refused.status_code == 401
+        assert "server" not in refused.headers
+
+
+def test_run_serves_the_readme_session_on_embedded_services(tmp_path):
+    """`taskapp run` with nothing configured: embedded PostgreSQL + Redis, dev tokens, data kept."""
+    port = _free_port()
+    data_dir = tmp_path / "data"
+    env = _env(TASKAPP_DATA_DIR=str(data_dir))
+    base = f"http://127.0.0.1:{port}"
+    with _server(["run"], env, port, tmp_path):
+        user = {"Authorization": f"Bearer {_token(data_dir, '--sub', 'alice', '--roles', 'user')}"}
+        admin = {"Authorization": f"Bearer {_token(data_dir, '--sub', 'root', '--roles', 'admin')}"}
+        created = httpx.post(f"{base}/tasks", json={"title": "Write report"}, headers=user)
+        assert created.status_code == 201
+        task_id = created.json()["id"]
+        kept = httpx.post(f"{base}/tasks", json={"title": "Survives restarts"}, headers=user)
+        assert kept.status_code == 201
+        listed = httpx.get(f"{base}/tasks", headers=user).json()
+        assert listed["total"] == 2
+        assert httpx.get(f"{base}/tasks/{task_id}", headers=user).json()["title"] == "Write report"
+        patched = httpx.patch(f"{base}/tasks/{task_id}", json={"status": "completed"}, headers=user)
+        assert patched.json()["status"] == "completed"
+        assert httpx.delete(f"{base}/tasks/{task_id}", headers=admin).status_code == 204
+        assert httpx.get(f"{base}/readyz").json()["checks"] == {"database": "ok", "redis": "ok"}
+
+    assert (data_dir / "postgres" / "PG_VERSION").exists()
+    with _server(["run"], env, port, tmp_path):
+        user = {"Authorization": f"Bearer {_token(data_dir, '--sub', 'alice', '--roles', 'user')}"}
+        titles = [t["title"] for t in httpx.get(f"{base}/tasks", headers=user).json()["items"]]
+        assert titles == ["Survives restarts"]
