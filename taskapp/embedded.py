@@ -14,6 +14,7 @@ import logging
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +28,10 @@ _MAX_SOCKET_PATH = 100
 @contextlib.contextmanager
 def embedded_postgres(data_dir: Path, database: str = DATABASE_NAME) -> Iterator[str]:
     """Start (or reuse) a PostgreSQL server in `data_dir`; yields an asyncpg URL."""
-    import pgserver
+    with warnings.catch_warnings():
+        # platformdirs warns about a missing XDG_RUNTIME_DIR and falls back to /tmp: fine here.
+        warnings.simplefilter("ignore", UserWarning)
+        import pgserver
 
     # pgserver logs from an atexit hook, after test runners have closed their streams.
     logging.getLogger("pgserver").setLevel(logging.WARNING)

@@ -12,7 +12,6 @@ from pydantic import BaseModel
 
 from taskapp.auth.errors import InvalidTokenError, ProviderUnavailableError
 from taskapp.db import DatabaseUnavailableError, unavailable_reason
-from taskapp.observability.requestid import current_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -91,15 +90,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": errors}, status_code=422)
 
 
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unhandled error (request id %s)", current_request_id())
-    return _error(500, "Internal Server Error")
-
-
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error)
     app.add_exception_handler(InvalidTokenError, _invalid_token)
     app.add_exception_handler(ProviderUnavailableError, _provider_unavailable)
     app.add_exception_handler(DatabaseUnavailableError, _database_unavailable)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(Exception, _unexpected)

@@ -71,7 +71,7 @@ class TokenVerifier:
         if "typ" in claims and claims["typ"] != "Bearer":
             raise InvalidTokenError("Not an access token")
         subject = claims.get("sub")
-        if not isinstance(subject, str) or not subject or len(subject) > MAX_SUBJECT_LENGTH:
+        if not _usable_subject(subject):
             raise InvalidTokenError("Token subject not accepted")
         roles = _roles(claims.get("realm_access")) | _roles(
             _get(claims.get("resource_access"), self.audience)
@@ -84,6 +84,19 @@ class TokenVerifier:
             email=email if isinstance(email, str) else None,
             username=username if isinstance(username, str) else None,
         )
+
+
+def _usable_subject(subject: Any) -> bool:
+    """The subject becomes the stored owner: it must fit the column and be storable text."""
+    if not isinstance(subject, str) or not 0 < len(subject) <= MAX_SUBJECT_LENGTH:
+        return False
+    if "\x00" in subject:
+        return False
+    try:
+        subject.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a "\ud800" JSON escape
+        return False
+    return True
 
 
 def _get(value: Any, key: str) -> Any:

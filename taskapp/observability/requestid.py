@@ -1,13 +1,21 @@
-"""Request ids: accepted from `X-Request-ID` when sane, generated otherwise, always returned."""
+"""Request ids: accepted from `X-Request-ID` when sane, generated otherwise, always returned.
+
+The middleware is also the last-resort error boundary, so that an unexpected error is logged
+with the request id and its 500 response still carries the `X-Request-ID` header.
+"""
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from contextvars import ContextVar
 
 from starlette.datastructures import MutableHeaders
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
 
 HEADER = "X-Request-ID"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -36,13 +44,29 @@ class RequestIdMiddleware:
         # A client-supplied id ends up in logs: accept only a short, plain token.
         request_id = incoming if incoming and _SAFE_ID.match(incoming) else uuid.uuid4().hex
         token = _request_id.set(request_id)
+        response_started = False
 
         async def send_with_id(message: Message) -> None:
+            nonlocal response_started
             if message["type"] == "http.response.start":
+                response_started = True
                 MutableHeaders(scope=message)[HEADER] = request_id
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            logger.exception(
+                "unhandled error in %s %s (request id %s)",
+                scope["method"],
+                scope["path"],
+                request_id,
+            )
+            if response_started:
+                raise  # too late for an error response; the server closes the connection
+            # No internals in the body: the request id is what links it to the log line.
+            await JSONResponse({"detail": "Internal Server Error"}, status_code=500)(
+                scope, receive, send_with_id
+            )
         finally:
             _request_id.reset(token)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Response, status
 from taskapp.auth.dependencies import AdminPrincipal, UserPrincipal
 from taskapp.errors import error_responses
 from taskapp.tasks.models import TaskStatus
-from taskapp.tasks.schemas import TaskCreate, TaskPage, TaskRead, TaskUpdate
+from taskapp.tasks.schemas import Owner, TaskCreate, TaskPage, TaskRead, TaskUpdate
 from taskapp.tasks.service import TaskServiceDep
 
 router = APIRouter(prefix="/tasks", tags=["tasks"], responses=error_responses(401, 403, 503))
@@ -32,10 +32,7 @@ async def list_tasks(
     service: TaskServiceDep,
     page: Annotated[int, Query(ge=1, le=MAX_PAGE, description="1-based page number")] = 1,
     page_size: Annotated[int, Query(ge=1, le=100, description="Tasks per page")] = 10,
-    owner: Annotated[
-        str | None,
-        Query(min_length=1, max_length=255, description="Admins only: one owner's tasks"),
-    ] = None,
+    owner: Annotated[Owner | None, Query(description="Admins only: one owner's tasks")] = None,
     task_status: Annotated[
         TaskStatus | None, Query(alias="status", description="Only tasks in this status")
     ] = None,

@@ -38,6 +38,7 @@ Title = Annotated[
     StringConstraints(strip_whitespace=True, min_length=1, max_length=TITLE_MAX),
     AfterValidator(_storable),
 ]
+Owner = Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(_storable)]
 Description = Annotated[str, Field(max_length=DESCRIPTION_MAX), AfterValidator(_storable)]
 
 
