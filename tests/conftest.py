@@ -65,14 +65,14 @@ def make_settings(database_url: str, redis_url: str, oidc: OIDCProvider) -> Sett
         **top: Any,
     ) -> Settings:
         return Settings(
-            _env_file=None,  # type: ignore[call-arg]
+            _env_file=None,
             env="test",
             database=DatabaseSettings(
-                _env_file=None,  # type: ignore[call-arg]
+                _env_file=None,
                 **{"url": database_url, "pool_timeout": 2, **(database or {})},
             ),
-            redis=RedisSettings(_env_file=None, **{"url": redis_url, **(redis or {})}),  # type: ignore[call-arg]
-            oidc=OIDCSettings(_env_file=None, **{"issuer": oidc.issuer, **(oidc_ or {})}),  # type: ignore[call-arg]
+            redis=RedisSettings(_env_file=None, **{"url": redis_url, **(redis or {})}),
+            oidc=OIDCSettings(_env_file=None, **{"issuer": oidc.issuer, **(oidc_ or {})}),
             **top,
         )
 

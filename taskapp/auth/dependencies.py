@@ -26,6 +26,10 @@ async def get_principal(
 ) -> Principal:
     """The caller behind the request's bearer token; 401 when there is none or it is bad."""
     if credentials is None:
+        # "Bearer" with nothing after it is a malformed token, not a missing one.
+        scheme = request.headers.get("Authorization", "").strip().partition(" ")[0]
+        if scheme.lower() == "bearer":
+            raise InvalidTokenError("Malformed token")
         raise InvalidTokenError("Not authenticated", missing=True)
     verifier: TokenVerifier = request.app.state.token_verifier
     return await verifier.verify(credentials.credentials)

@@ -89,9 +89,10 @@ class StaticKeySource:
 class OIDCKeySource:
     """The provider's JWKS, found through discovery and cached.
 
-    Keys are refreshed after `ttl` seconds, and at once (at most every `cooldown` seconds)
-    when a token names an unknown kid, so a key rotation is picked up without a restart.
-    A failed refresh keeps the keys already known.
+    Keys are refreshed after `ttl` seconds, and at once when a token names an unknown kid
+    (at most once per `cooldown`, so a flood of made-up kids cannot hammer the provider):
+    a key rotation is picked up without a restart. Concurrent callers share one fetch.
+    A failed fetch keeps the keys already known and is not retried within `cooldown`.
     """
 
     def __init__(
@@ -104,17 +105,18 @@ class OIDCKeySource:
         self._jwks_uri: str | None = None
         self._keys: dict[str, SigningKey] = {}
         self._fetched_at = float("-inf")  # last successful fetch
-        self._attempted_at = float("-inf")  # last attempt, successful or not
-        self._lock = asyncio.Lock()
-        self.fetch_count = 0
+        self._failed_at = float("-inf")  # last failed fetch
+        self._unknown_kid_at = float("-inf")  # last fetch forced by an unknown kid
+        self._inflight: asyncio.Task[None] | None = None
 
     async def get_key(self, kid: str | None, algorithm: str) -> SigningKey:
         now = time.monotonic()
-        if now - self._fetched_at > self._ttl and now - self._attempted_at >= self._cooldown:
-            await self._refresh(requested_at=now)
+        if now - self._fetched_at > self._ttl and now - self._failed_at >= self._cooldown:
+            await self._refresh()
         key = select_key(self._keys, kid, algorithm)
-        if key is None and time.monotonic() - self._attempted_at >= self._cooldown:
-            await self._refresh(requested_at=time.monotonic())
+        if key is None and time.monotonic() - self._unknown_kid_at >= self._cooldown:
+            self._unknown_kid_at = time.monotonic()
+            await self._refresh()
             key = select_key(self._keys, kid, algorithm)
         if key is None:
             if not self._keys:
@@ -122,24 +124,29 @@ class OIDCKeySource:
             raise InvalidTokenError("Unknown signing key")
         return key
 
-    async def _refresh(self, *, requested_at: float) -> None:
-        async with self._lock:
-            # Someone else refreshed while this caller waited for the lock.
-            if self._attempted_at >= requested_at:
-                return
-            self._attempted_at = time.monotonic()
-            try:
-                keys = await self._fetch()
-            except (httpx.HTTPError, ValueError) as exc:
-                logger.warning(
-                    "JWKS refresh from %s failed (%s); keeping %d known keys",
-                    self.issuer,
-                    exc,
-                    len(self._keys),
-                )
-                return
-            self._keys = keys
-            self._fetched_at = time.monotonic()
+    async def _refresh(self) -> None:
+        """Fetch the keys, or wait for the fetch already under way."""
+        if self._inflight is None:
+            self._inflight = asyncio.create_task(self._fetch_and_store())
+        # shield: a caller that goes away (client disconnect) does not cancel the others' fetch.
+        await asyncio.shield(self._inflight)
+
+    async def _fetch_and_store(self) -> None:
+        try:
+            keys = await self._fetch()
+        except (httpx.HTTPError, ValueError) as exc:
+            self._failed_at = time.monotonic()
+            logger.warning(
+                "JWKS fetch from %s failed (%s); keeping %d known keys",
+                self.issuer,
+                exc,
+                len(self._keys),
+            )
+            return
+        finally:
+            self._inflight = None
+        self._keys = keys
+        self._fetched_at = time.monotonic()
 
     async def _fetch(self) -> dict[str, SigningKey]:
         if self._jwks_uri is None:
@@ -150,7 +157,6 @@ class OIDCKeySource:
             if not isinstance(jwks_uri, str):
                 raise ValueError("discovery document has no jwks_uri")
             self._jwks_uri = jwks_uri
-        self.fetch_count += 1
         return parse_jwks(await self._get_json(self._jwks_uri))
 
     async def _get_json(self, url: str) -> Mapping[str, Any]:

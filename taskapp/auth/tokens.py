@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import jwt
 
@@ -86,7 +86,7 @@ class TokenVerifier:
         )
 
 
-def _usable_subject(subject: Any) -> bool:
+def _usable_subject(subject: Any) -> TypeGuard[str]:
     """The subject becomes the stored owner: it must fit the column and be storable text."""
     if not isinstance(subject, str) or not 0 < len(subject) <= MAX_SUBJECT_LENGTH:
         return False

@@ -1,0 +1,368 @@
+"""JWKS handling: discovery, caching, key rotation, refetch cooldown, provider outages.
+
+Each test starts its own app against its own provider, so neither the JWKS cache nor the
+provider's keys leak between tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from jwt.algorithms import RSAAlgorithm
+
+from taskapp.app import create_app
+from tests.conftest import SettingsFactory, running
+from tests.fixtures.oidc import OIDCProvider, new_rsa_key, public_jwk, serve_provider
+
+INVALID_TOKEN_CHALLENGE = 'Bearer error="invalid_token"'
+
+
+@pytest.fixture(scope="module")
+def served_provider() -> Iterator[OIDCProvider]:
+    # One server for the module: stopping one takes half a second (its poll interval).
+    yield from serve_provider()
+
+
+@pytest.fixture
+def provider(served_provider: OIDCProvider) -> OIDCProvider:
+    """The module's provider, reset to one fresh published signing key for this test."""
+    served_provider.base_url = served_provider.base_url.replace("localhost", "127.0.0.1")
+    served_provider.keys.clear()
+    served_provider.published.clear()
+    served_provider.extra_jwks = []
+    served_provider.down = False
+    served_provider.add_key()
+    served_provider.jwks_fetches = 0
+    return served_provider
+
+
+@contextlib.asynccontextmanager
+async def started(
+    make_settings: SettingsFactory, provider: OIDCProvider, **oidc: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A fresh app (fresh JWKS cache) trusting `provider`, with OIDC settings `oidc`."""
+    app = create_app(make_settings(oidc_={"issuer": provider.issuer, **oidc}))
+    async with running(app) as client:
+        yield client
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def bogus_kid_token(provider: OIDCProvider) -> str:
+    """A well-formed token naming a kid the provider never published."""
+    return provider.token(kid=uuid.uuid4().hex, key=FOREIGN_KEY)
+
+
+def assert_invalid_token(response: httpx.Response) -> None:
+    assert response.status_code == 401, response.text
+    assert response.headers["www-authenticate"] == INVALID_TOKEN_CHALLENGE
+    assert isinstance(response.json()["detail"], str)
+
+
+def assert_provider_unavailable(response: httpx.Response) -> None:
+    assert response.status_code == 503, response.text
+    assert response.json() == {"detail": "Identity provider unavailable"}
+
+
+FOREIGN_KEY = new_rsa_key()
+
+
+# --- caching -----------------------------------------------------------------------------
+
+
+async def test_keys_are_fetched_once_and_cached(
+    make_settings: SettingsFactory, provider: OIDCProvider
+) -> None:
+    async with started(make_settings, provider) as client:
+        assert provider.jwks_fetches == 0  # nothing is fetched before it is needed
+        for _ in range(25):
+            response = await client.get("/tasks", headers=provider.auth())
+            assert response.status_code == 200, response.text
+    assert provider.jwks_fetches == 1
+
+
+async def test_concurrent_first_requests_share_one_fetch(
+    make_settings: SettingsFactory, provider: OIDCProvider
+) -> None:
+    # A cold cache under load: every caller must wait for the one fetch, not fail.
+    async with started(make_settings, provider) as client:
+        responses = await asyncio.gather(
+            *(client.get("/tasks", headers=provider.auth()) for _ in range(20))
+        )
+    assert [r.status_code for r in responses] == [200] * 20, [r.text for r in responses]
+    assert provider.jwks_fetches == 1
+
+
+# --- key rotation and the refetch cooldown -----------------------------------------------
+
+
+async def test_rotated_key_triggers_one_refetch(
+    make_settings: SettingsFactory, provider: OIDCProvider
+) -> None:
+    # A long cooldown: it throttles only fetches forced by unknown kids, so a rotation
+    # right after a regular fetch is still picked up at once.
+    async with started(make_settings, provider, jwks_refetch_cooldown=60) as client:
+        old_token = provider.token()
+        assert (await client.get("/tasks", headers=bearer(old_token))).status_code == 200
+        assert provider.jwks_fetches == 1
+
+        provider.add_key()  # published and now used for signing, as Keycloak does
+        new_token = provider.token()
+
+        response = await client.get("/tasks", headers=bearer(new_token))
+        assert response.status_code == 200, response.text
+        assert provider.jwks_fetches == 2
+
+        for _ in range(10):
+            assert (await client.get("/tasks", headers=bearer(new_token))).status_code == 200
+        # The old key is still published: tokens issued before the rotation stay valid.
+        assert (await client.get("/tasks", headers=bearer(old_token))).status_code == 200
+        assert provider.jwks_fetches == 2
+
+
+async def test_rotated_key_works_at_once_without_cooldown(
+    make_settings: SettingsFactory, provider: OIDCProvider
+) -> None:
+    async with started(make_settings, provider, jwks_refetch_cooldown=0) as client:
+        assert (await client.get("/tasks", headers=provider.auth())).status_code == 200
+        provider.add_key()
+        response = await client.get("/tasks", headers=provider.auth())
+        assert response.status_code == 200, response.text
+    assert provider.jwks_fetches == 2
+
+
+async def test_unknown_kids_within_cooldown_do_not_hammer_the_provider(
+    make_settings: SettingsFactory, provider: OIDCProvider
+) -> None:
+    async with started(make_settings, provider, jwks_refetch_cooldown=60) as client:
+        assert (await client.get("/tasks", headers=provider.auth())).status_code == 200
+        fetches_before = provider.jwks_fetches
+
+        for _ in range(30):
+            assert_invalid_token(
+                await client.get("/tasks", headers=bearer(bogus_kid_token(provider)))
+            )
+        flood = await asyncio.gather(
+            *(client.get("/tasks", headers=bearer(bogus_kid_token(provider))) for _ in range(30))
+        )
+        for response in flood:
+            assert_invalid_token(response)
+
+        # The one refetch the first unknown kid causes; none for the rest.
+        assert provider.jwks_fetches - fetches_before == 1
+        # Real tokens are unaffected by the flood.
+        assert (await client.get("/tasks", headers=provider.auth())).status_code == 200
+
+
+async def test_unknown_kid_refetches_once_per_cooldown(
+    make_settings: SettingsFactory, provider: OIDCProvider
+) -> None:
+    async with started(make_settings, provider, jwks_refetch_cooldown=1.0) as client:
+        assert (await client.get("/tasks", headers=provider.auth())).status_code == 200
+        assert provider.jwks_fetches == 1
+        await asyncio.sleep(1.05)
+
+        flood = await asyncio.gather(
+            *(client.get("/tasks", headers=bearer(bogus_kid_token(provider))) for _ in range(40))
+        )
+        for response in flood:
+            assert_invalid_token(response)
+        assert provider.jwks_fetches == 2
+
+
+# --- cache lifetime ----------------------------------------------------------------------
+
+
+async def test_keys_are_refetched_after_the_ttl(
+    make_settings: SettingsFactory, provider: OIDCProvider
+) -> None:
+    async with started(
+        make_settings, provider, jwks_cache_ttl=0.2, jwks_refetch_cooldown=0.1
+    ) as client:
+        for _ in range(5):
+            assert (await client.get("/tasks", headers=provider.auth())).status_code == 200
+        assert provider.jwks_fetches == 1
+
+        await asyncio.sleep(0.3)
+        assert (await client.get("/tasks", headers=provider.auth())).status_code == 200
+        assert provider.jwks_fetches == 2
+
+
+async def test_key_withdrawn_by_the_provider_stops_working_after_the_ttl(
+    make_settings: SettingsFactory, provider: OIDCProvider
+) -> None:
+    old_kid = provider.signing_kid
+    new_kid = provider.add_key()
+    async with started(
+        make_settings, provider, jwks_cache_ttl=0.2, jwks_refetch_cooldown=0.1
+    ) as client:
+        old_token = provider.token(kid=old_kid)
+        new_token = provider.token(kid=new_kid)
+        assert (await client.get("/tasks", headers=bearer(old_token))).status_code == 200
+
+        provider.published.remove(old_kid)  # e.g. a compromised key, disabled in Keycloak
+        await asyncio.sleep(0.3)
+
+        assert_invalid_token(await client.get("/tasks", headers=bearer(old_token)))
+        assert (await client.get("/tasks", headers=bearer(new_token))).status_code == 200
+
+
+# --- provider outages --------------------------------------------------------------------
+
+
+async def test_cached_keys_survive_a_provider_outage(
+    make_settings: SettingsFactory, provider: OIDCProvider
+) -> None:
+    async with started(
+        make_settings, provider, jwks_cache_ttl=0.2, jwks_refetch_cooldown=0
+    ) as client:
+        assert (await client.get("/tasks", headers=provider.auth())).status_code == 200
+
+        provider.down = True
+        await asyncio.sleep(0.3)  # the cache is stale: each request now tries to refresh
+        for _ in range(5):
+            response = await client.get("/tasks", headers=provider.auth())
+            assert response.status_code == 200, response.text
+        # With keys known, a bad kid is the caller's fault (401), not an outage (503).
+        assert_invalid_token(await client.get("/tasks", headers=bearer(bogus_kid_token(provider))))
+
+        provider.down = False
+        fetches = provider.jwks_fetches
+        assert (await client.get("/tasks", headers=provider.auth())).status_code == 200
+        assert provider.jwks_fetches == fetches + 1
+
+
+async def test_provider_down_from_the_start_is_503(
+    make_settings: SettingsFactory, provider: OIDCProvider
+) -> None:
+    provider.down = True
+    async with started(make_settings, provider, jwks_refetch_cooldown=0) as client:
+        for method, path, body in [
+            ("GET", "/tasks", None),
+            ("POST", "/tasks", {"title": "x"}),
+            ("GET", f"/tasks/{uuid.uuid4()}", None),
+            ("PATCH", f"/tasks/{uuid.uuid4()}", {"status": "done"}),
+            ("DELETE", f"/tasks/{uuid.uuid4()}", None),
+        ]:
+            response = await client.request(method, path, json=body, headers=provider.auth())
+            assert_provider_unavailable(response)
+
+        # A token that is malformed needs no key: still the caller's 401.
+        assert_invalid_token(await client.get("/tasks", headers=bearer("a.b.c")))
+
+        # Once the provider is back, the service recovers without a restart.
+        provider.down = False
+        response = await client.get("/tasks", headers=provider.auth())
+        assert response.status_code == 200, response.text
+
+
+async def test_unreachable_provider_is_503(make_settings: SettingsFactory) -> None:
+    # Nothing listens on port 9 (discard) of loopback: connection refused.
+    app = create_app(
+        make_settings(oidc_={"issuer": "http://127.0.0.1:9/realms/taskapp", "http_timeout": 2})
+    )
+    provider = OIDCProvider(base_url="http://127.0.0.1:9")
+    provider.add_key()
+    async with running(app) as client:
+        assert_provider_unavailable(await client.get("/tasks", headers=provider.auth()))
+
+
+# --- what the JWKS may contain -----------------------------------------------------------
+
+
+def encryption_jwk(key: Any, kid: str) -> dict[str, Any]:
+    jwk: dict[str, Any] = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
+    jwk.update({"kid": kid, "use": "enc", "alg": "RSA-OAEP"})
+    return jwk
+
+
+@pytest.mark.parametrize("placement", ["distinct-kid", "same-kid-after", "same-kid-before"])
+async def test_encryption_keys_in_the_jwks_are_ignored(
+    make_settings: SettingsFactory, provider: OIDCProvider, placement: str
+) -> None:
+    enc_key = new_rsa_key()
+    sig_kid = provider.signing_kid
+    if placement == "distinct-kid":
+        enc_kid = "enc-" + uuid.uuid4().hex
+        provider.extra_jwks = [encryption_jwk(enc_key, enc_kid)]
+    elif placement == "same-kid-after":
+        enc_kid = sig_kid
+        provider.extra_jwks = [encryption_jwk(enc_key, enc_kid)]
+    else:
+        enc_kid = sig_kid
+        provider.published = []
+        provider.extra_jwks = [
+            encryption_jwk(enc_key, enc_kid),
+            public_jwk(provider.keys[sig_kid], sig_kid),
+        ]
+
+    async with started(make_settings, provider) as client:
+        response = await client.get("/tasks", headers=provider.auth())
+        assert response.status_code == 200, response.text
+        # A token "signed" with the encryption key is not trusted, whatever kid it names.
+        forged = provider.token(kid=enc_kid, key=enc_key)
+        assert_invalid_token(await client.get("/tasks", headers=bearer(forged)))
+
+
+async def test_unusable_jwks_entries_are_skipped(
+    make_settings: SettingsFactory, provider: OIDCProvider
+) -> None:
+    secret = b"a-shared-secret-that-no-one-should-trust"
+    provider.extra_jwks = [
+        {"kty": "oct", "kid": "symmetric", "k": jwt.utils.base64url_encode(secret).decode()},
+        {"kty": "RSA", "kid": "broken", "use": "sig", "n": "!!!", "e": "AQAB"},
+        {"kty": "RSA", "kid": "no-modulus", "use": "sig"},
+        {"kty": "XYZ", "kid": "unknown-type"},
+        "not-an-object",  # type: ignore[list-item]
+    ]
+    async with started(make_settings, provider) as client:
+        response = await client.get("/tasks", headers=provider.auth())
+        assert response.status_code == 200, response.text
+
+        hs256 = jwt.encode(
+            provider.claims(), secret, algorithm="HS256", headers={"kid": "symmetric"}
+        )
+        assert_invalid_token(await client.get("/tasks", headers=bearer(hs256)))
+
+
+async def test_token_without_kid_is_refused_when_keys_are_ambiguous(
+    make_settings: SettingsFactory, provider: OIDCProvider
+) -> None:
+    first_kid = provider.signing_kid
+    provider.add_key()
+    async with started(make_settings, provider) as client:
+        assert (await client.get("/tasks", headers=provider.auth())).status_code == 200
+        no_kid = jwt.encode(
+            provider.claims(), provider.keys[first_kid], algorithm="RS256", headers={"typ": "JWT"}
+        )
+        assert_invalid_token(await client.get("/tasks", headers=bearer(no_kid)))
+
+
+# --- discovery ---------------------------------------------------------------------------
+
+
+async def test_discovery_naming_another_issuer_is_not_trusted(
+    make_settings: SettingsFactory, provider: OIDCProvider
+) -> None:
+    configured_issuer = provider.issuer
+    # The provider now describes itself under another host name than the one configured.
+    provider.base_url = provider.base_url.replace("127.0.0.1", "localhost")
+    assert provider.issuer != configured_issuer
+
+    app = create_app(make_settings(oidc_={"issuer": configured_issuer}))
+    async with running(app) as client:
+        for issuer in (configured_issuer, provider.issuer):
+            response = await client.get("/tasks", headers=provider.auth(iss=issuer))
+            assert_provider_unavailable(response)
+    # Its jwks_uri was never followed.
+    assert provider.jwks_fetches == 0
