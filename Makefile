@@ -27,7 +27,7 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy taskapp
+	$(BIN)/mypy taskapp tests
 
 format: install
 	$(BIN)/ruff format .

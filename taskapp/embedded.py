@@ -36,9 +36,7 @@ def embedded_postgres(data_dir: Path, database: str = DATABASE_NAME) -> Iterator
     # pgserver logs from an atexit hook, after test runners have closed their streams.
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(  # type: ignore[attr-defined]
-        data_dir.resolve(), cleanup_mode="stop"
-    )
+    server = pgserver.get_server(data_dir.resolve(), cleanup_mode="stop")
     try:
         # `database` is our constant or a test's generated name, never user input.
         exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")  # noqa: S608

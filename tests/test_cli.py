@@ -16,6 +16,7 @@ import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from taskapp.auth.devkey import DEV_ISSUER, DEV_KEY_FILE
 
@@ -37,7 +38,7 @@ def _free_port() -> int:
 @contextmanager
 def _server(
     args: list[str], env: dict[str, str], port: int, cwd: Path
-) -> Iterator[subprocess.Popen]:
+) -> Iterator[subprocess.Popen[bytes]]:
     log = (cwd / "server.log").open("wb")
     process = subprocess.Popen(
         [TASKAPP, *args, "--port", str(port)],
@@ -81,6 +82,7 @@ def _token(data_dir: Path, *args: str) -> str:
 def test_token_is_keycloak_shaped_and_signed_with_the_dev_key(tmp_path):
     token = _token(tmp_path, "--sub", "alice", "--roles", "user", "--email", "alice@example.com")
     key = serialization.load_pem_private_key((tmp_path / DEV_KEY_FILE).read_bytes(), None)
+    assert isinstance(key, rsa.RSAPrivateKey)
     claims = jwt.decode(token, key.public_key(), algorithms=["RS256"], audience="taskapp-api")
     assert claims["iss"] == DEV_ISSUER
     assert claims["sub"] == "alice"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pgserver
 import pytest
@@ -23,7 +24,7 @@ def private_postgres(tmp_path):
         yield url, data_dir
 
 
-def _start_again(data_dir) -> None:
+def _start_again(data_dir: Path) -> None:
     pgserver.get_server(data_dir.resolve(), cleanup_mode="stop")
 
 
