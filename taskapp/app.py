@@ -14,9 +14,10 @@ from fastapi.openapi.utils import get_openapi
 from taskapp.auth.devkey import DEV_ISSUER, dev_key_source
 from taskapp.auth.jwks import KeySource, OIDCKeySource
 from taskapp.auth.tokens import TokenVerifier
+from taskapp.body_limit import BodySizeLimitMiddleware
 from taskapp.config import Settings, get_settings
 from taskapp.db import create_engine, create_session_factory
-from taskapp.errors import install_error_handlers
+from taskapp.errors import error_responses, install_error_handlers
 from taskapp.observability.health import router as health_router
 from taskapp.observability.logging import configure_logging
 from taskapp.observability.requestid import RequestIdMiddleware
@@ -49,7 +50,11 @@ def _key_source(settings: Settings, http: httpx.AsyncClient) -> tuple[KeySource,
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     http = httpx.AsyncClient(timeout=settings.oidc.http_timeout, follow_redirects=False)
-    keys, issuer = _key_source(settings, http)
+    try:
+        keys, issuer = _key_source(settings, http)
+    except BaseException:
+        await http.aclose()
+        raise
     engine = create_engine(settings.database)
     redis = create_redis(settings.redis)
     app.state.engine = engine
@@ -61,6 +66,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await keys.aclose()
         await http.aclose()
         await redis.aclose()
         await engine.dispose()
@@ -107,10 +113,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         openapi_url="/openapi.json" if settings.docs_enabled else None,
         swagger_ui_init_oauth=swagger_oauth,
+        responses=error_responses(500),
     )
     app.state.settings = settings
     app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
     install_error_handlers(app)
+    # Added last = outermost: the request id covers everything, the body cap comes next.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(health_router)
     app.include_router(tasks_router)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from taskapp.config import Settings
+from taskapp.config import Environment, EnvironmentSettings, Settings
 
 APP = "taskapp.app:create_app"
 
@@ -42,11 +42,22 @@ def _serve(host: str, port: int, workers: int, log_level: str) -> None:
     )
 
 
+def _migrate(url: str) -> None:
+    """Apply the migrations, or exit with one line saying why they could not be."""
+    from sqlalchemy.exc import DBAPIError
+
+    from taskapp.db import upgrade_database
+
+    try:
+        upgrade_database(url)
+    except (OSError, DBAPIError) as exc:
+        sys.exit(f"taskapp: cannot migrate the database: {exc!r}")
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     """Development mode: embedded PostgreSQL/Redis unless configured, dev tokens, migrations."""
     from taskapp.auth.devkey import load_or_create_dev_key
-    from taskapp.db import upgrade_database
-    from taskapp.embedded import embedded_postgres, embedded_redis
+    from taskapp.embedded import data_dir_lock, embedded_postgres, embedded_redis
 
     settings = _settings()
     if settings.is_production:
@@ -54,10 +65,16 @@ def cmd_run(args: argparse.Namespace) -> None:
     data_dir = settings.data_dir.resolve()
     os.environ["TASKAPP_DATA_DIR"] = str(data_dir)
     with contextlib.ExitStack() as stack:
-        if settings.database.url is None:
+        try:
+            stack.enter_context(data_dir_lock(data_dir))
+        except BlockingIOError:
+            sys.exit(f"taskapp run is already running with the data directory {data_dir}")
+        if settings.database.url is not None:
+            database_url = settings.database.url.get_secret_value()
+        else:
             print(f"Starting embedded PostgreSQL in {data_dir / 'postgres'}", flush=True)
-            url = stack.enter_context(embedded_postgres(data_dir / "postgres"))
-            os.environ["TASKAPP_DATABASE_URL"] = url
+            database_url = stack.enter_context(embedded_postgres(data_dir / "postgres"))
+            os.environ["TASKAPP_DATABASE_URL"] = database_url
         if settings.redis.url is None:
             print(f"Starting embedded Redis in {data_dir / 'redis'}", flush=True)
             os.environ["TASKAPP_REDIS_URL"] = stack.enter_context(
@@ -70,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> None:
                 "Auth: dev signing key; mint a token with `taskapp token --sub alice --roles user`",
                 flush=True,
             )
-        upgrade_database(os.environ["TASKAPP_DATABASE_URL"])
+        _migrate(database_url)
         print(f"Serving taskapp on http://{args.host}:{args.port} (docs at /docs)", flush=True)
         _serve(args.host, args.port, args.workers, settings.log_level)
 
@@ -95,23 +112,30 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_migrate(args: argparse.Namespace) -> None:
     """Apply all database migrations (alembic upgrade head)."""
-    from taskapp.db import upgrade_database
-
     settings = _settings()
     if settings.database.url is None:
         sys.exit("taskapp migrate needs TASKAPP_DATABASE_URL")
-    upgrade_database(settings.database.url.get_secret_value())
+    _migrate(settings.database.url.get_secret_value())
 
 
 def cmd_token(args: argparse.Namespace) -> None:
     """Print an access token signed with the dev key of `taskapp run`."""
-    from taskapp.auth.devkey import DEV_ISSUER, load_or_create_dev_key, mint_token
+    from taskapp.auth.devkey import DEV_ISSUER, load_dev_key, mint_token
 
-    settings = _settings()
-    if settings.is_production:
+    # Checked before anything else, so production gets this answer and not a settings error.
+    if EnvironmentSettings().env is Environment.PRODUCTION:
         sys.exit("taskapp token is refused when TASKAPP_ENV=production")
+    settings = _settings()
     roles = [role for value in args.roles for role in value.split(",") if role]
-    key = load_or_create_dev_key(settings.data_dir.resolve())
+    data_dir = settings.data_dir.resolve()
+    try:
+        key = load_dev_key(data_dir)
+    except FileNotFoundError:
+        # A key made here would not be the one `taskapp run` trusts.
+        sys.exit(
+            f"taskapp token: no dev key in {data_dir}; start `taskapp run` first, "
+            "or set TASKAPP_DATA_DIR to the directory it uses"
+        )
     print(
         mint_token(
             key,

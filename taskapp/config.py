@@ -31,6 +31,14 @@ def _group(prefix: str) -> SettingsConfigDict:
     )
 
 
+class EnvironmentSettings(BaseSettings):
+    """`TASKAPP_ENV` alone, for decisions that come before the rest is validated."""
+
+    model_config = _group("TASKAPP_")
+
+    env: Environment = Environment.DEV
+
+
 class DatabaseSettings(BaseSettings):
     """`TASKAPP_DATABASE_*`: the PostgreSQL connection and its pool."""
 
@@ -45,6 +53,9 @@ class DatabaseSettings(BaseSettings):
     connect_timeout: Annotated[float, Field(gt=0, le=120)] = 5.0
     # Server-side statement timeout in seconds; 0 disables it.
     statement_timeout: Annotated[float, Field(ge=0, le=3600)] = 15.0
+    # Client-side bound on any one command, so a server that stops answering (rather than
+    # refusing connections) cannot hang requests; keep it above statement_timeout.
+    command_timeout: Annotated[float, Field(gt=0, le=3600)] = 20.0
     echo: bool = False
 
     @field_validator("url")
@@ -118,6 +129,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".taskapp")
     log_level: str = "INFO"
     docs_enabled: bool = True
+    # Largest accepted request body. A task is at most ~10,000 characters of description,
+    # which JSON escaping can make ~120 KB; anything far beyond is refused unread.
+    max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 256 * 1024
 
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)

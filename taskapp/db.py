@@ -56,6 +56,7 @@ def create_engine(settings: DatabaseSettings, **overrides: Any) -> AsyncEngine:
         "echo": settings.echo,
         "connect_args": {
             "timeout": settings.connect_timeout,
+            "command_timeout": settings.command_timeout,
             "server_settings": server_settings,
         },
     }

@@ -9,8 +9,11 @@ sockets only, so nothing is exposed on the network.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import json
 import logging
+import os
 import subprocess
 import tempfile
 import time
@@ -36,6 +39,7 @@ def embedded_postgres(data_dir: Path, database: str = DATABASE_NAME) -> Iterator
     # pgserver logs from an atexit hook, after test runners have closed their streams.
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     data_dir.mkdir(parents=True, exist_ok=True)
+    _forget_dead_users(data_dir)
     server = pgserver.get_server(data_dir.resolve(), cleanup_mode="stop")
     try:
         # `database` is our constant or a test's generated name, never user input.
@@ -46,6 +50,46 @@ def embedded_postgres(data_dir: Path, database: str = DATABASE_NAME) -> Iterator
         yield f"postgresql+asyncpg://postgres@/{database}?host={socket_dir}"
     finally:
         server.cleanup()
+
+
+def _forget_dead_users(data_dir: Path) -> None:
+    """Drop processes that died without stopping from pgserver's list of server users.
+
+    pgserver stops the server when its last user exits cleanly; a user killed outright
+    stays listed and would keep every later run from stopping the server.
+    """
+    users = data_dir / ".handle_pids.json"
+    if not users.exists():
+        return
+    try:
+        pids = json.loads(users.read_text())
+    except ValueError:
+        pids = []
+    alive = [pid for pid in pids if isinstance(pid, int) and _alive(pid)]
+    if alive != pids:
+        users.write_text(json.dumps(alive))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def data_dir_lock(data_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `data_dir`; BlockingIOError if another process holds it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with (data_dir / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _socket_path(data_dir: Path) -> Path:

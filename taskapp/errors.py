@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from taskapp.auth.errors import InvalidTokenError, ProviderUnavailableError
-from taskapp.db import DatabaseUnavailableError, unavailable_reason
+from taskapp.db import DatabaseUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +40,30 @@ class ErrorResponse(BaseModel):
     detail: str
 
 
-_DESCRIPTIONS = {
-    401: "Missing, malformed, expired or otherwise invalid bearer token",
-    403: "The token lacks a role this operation needs",
-    404: "Not found, or not visible to the caller",
-    503: "A backing service (database, identity provider) is unavailable; retry later",
+def _header(description: str) -> dict[str, Any]:
+    return {"description": description, "schema": {"type": "string"}}
+
+
+_RESPONSES: dict[int, dict[str, Any]] = {
+    400: {"description": "The body could not be read as JSON text"},
+    401: {
+        "description": "Missing, malformed, expired or otherwise invalid bearer token",
+        "headers": {"WWW-Authenticate": _header('Bearer challenge, e.g. error="invalid_token"')},
+    },
+    403: {"description": "The token lacks a role this operation needs"},
+    404: {"description": "Not found, or not visible to the caller"},
+    413: {"description": "The request body is larger than the configured limit"},
+    500: {"description": "Unexpected error; the X-Request-ID header identifies it in the logs"},
+    503: {
+        "description": "A backing service (database, identity provider) is unavailable",
+        "headers": {"Retry-After": _header("Seconds to wait before retrying")},
+    },
 }
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for the given error statuses."""
-    return {code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]} for code in codes}
+    return {code: {"model": ErrorResponse, **_RESPONSES[code]} for code in codes}
 
 
 def _error(status_code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -74,10 +87,9 @@ async def _provider_unavailable(request: Request, exc: Exception) -> JSONRespons
 
 
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    detail = exc.detail if isinstance(exc, DatabaseUnavailableError) else None
-    detail = detail or unavailable_reason(exc) or "Database unavailable"
-    logger.warning("database unavailable: %s (%s)", detail, exc.__cause__ or exc)
-    return _error(503, detail, {"Retry-After": "1"})
+    assert isinstance(exc, DatabaseUnavailableError)
+    logger.warning("database unavailable: %s (%r)", exc.detail, exc.__cause__)
+    return _error(503, exc.detail, {"Retry-After": "1"})
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from taskapp.auth.devkey import DEV_ISSUER, DEV_KEY_FILE
+from taskapp.auth.devkey import DEV_ISSUER, DEV_KEY_FILE, load_or_create_dev_key
 
 TASKAPP = str(Path(sys.executable).with_name("taskapp"))
 
@@ -42,6 +42,7 @@ def _server(
     log = (cwd / "server.log").open("wb")
     process = subprocess.Popen(
         [TASKAPP, *args, "--port", str(port)],
+        start_new_session=True,
         env=env,
         cwd=cwd,
         stdout=log,
@@ -60,7 +61,8 @@ def _server(
             pytest.fail("server did not become healthy:\n" + (cwd / "server.log").read_text())
         yield process
     finally:
-        process.send_signal(signal.SIGINT)
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -80,6 +82,7 @@ def _token(data_dir: Path, *args: str) -> str:
 
 
 def test_token_is_keycloak_shaped_and_signed_with_the_dev_key(tmp_path):
+    load_or_create_dev_key(tmp_path)  # as `taskapp run` does
     token = _token(tmp_path, "--sub", "alice", "--roles", "user", "--email", "alice@example.com")
     key = serialization.load_pem_private_key((tmp_path / DEV_KEY_FILE).read_bytes(), None)
     assert isinstance(key, rsa.RSAPrivateKey)
@@ -93,7 +96,22 @@ def test_token_is_keycloak_shaped_and_signed_with_the_dev_key(tmp_path):
     assert (tmp_path / DEV_KEY_FILE).stat().st_mode & 0o077 == 0
 
 
+def test_token_without_a_dev_key_says_to_start_run_first(tmp_path):
+    result = subprocess.run(
+        [TASKAPP, "token", "--sub", "alice", "--roles", "user"],
+        env=_env(TASKAPP_DATA_DIR=str(tmp_path)),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert f"no dev key in {tmp_path}" in result.stderr
+    # A key made here would not be trusted by the running server: none is made.
+    assert not (tmp_path / DEV_KEY_FILE).exists()
+
+
 def test_token_refused_in_production(tmp_path):
+    load_or_create_dev_key(tmp_path)
     result = subprocess.run(
         [TASKAPP, "token", "--sub", "alice", "--roles", "user"],
         env=_env(TASKAPP_DATA_DIR=str(tmp_path), TASKAPP_ENV="production"),
@@ -102,7 +120,7 @@ def test_token_refused_in_production(tmp_path):
     )
     assert result.returncode != 0
     assert result.stdout == ""
-    assert not (tmp_path / DEV_KEY_FILE).exists()
+    assert "refused when TASKAPP_ENV=production" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -149,6 +167,7 @@ def test_serve_uses_the_configured_provider_and_never_the_dev_key(
         TASKAPP_OIDC_ISSUER=oidc.issuer,
         TASKAPP_OIDC_TRUST_DEV_KEY="true",
     )
+    load_or_create_dev_key(tmp_path)
     dev_token = _token(tmp_path, "--sub", "mallory", "--roles", "admin")
     with _server(["serve", "--workers", "2"], env, port, tmp_path):
         base = f"http://127.0.0.1:{port}"
@@ -185,3 +204,46 @@ def test_run_serves_the_readme_session_on_embedded_services(tmp_path):
         user = {"Authorization": f"Bearer {_token(data_dir, '--sub', 'alice', '--roles', 'user')}"}
         titles = [t["title"] for t in httpx.get(f"{base}/tasks", headers=user).json()["items"]]
         assert titles == ["Survives restarts"]
+
+
+def test_run_uses_the_services_named_in_dot_env(tmp_path, database_url, redis_url):
+    (tmp_path / ".env").write_text(
+        f"TASKAPP_DATABASE_URL={database_url}\nTASKAPP_REDIS_URL={redis_url}\n"
+    )
+    port = _free_port()
+    with _server(["run"], _env(), port, tmp_path):
+        ready = httpx.get(f"http://127.0.0.1:{port}/readyz")
+        assert ready.json()["checks"] == {"database": "ok", "redis": "ok"}
+    assert not (tmp_path / ".taskapp" / "postgres").exists()
+    assert not (tmp_path / ".taskapp" / "redis").exists()
+
+
+def test_run_refuses_a_second_instance_and_recovers_from_a_crash(tmp_path):
+    data_dir = tmp_path / "data"
+    env = _env(TASKAPP_DATA_DIR=str(data_dir))
+    port = _free_port()
+    with _server(["run"], env, port, tmp_path) as first:
+        second = subprocess.run(
+            [TASKAPP, "run", "--port", str(_free_port())],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode != 0
+        assert "already running" in second.stderr
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
+        # Crash: the whole process group dies at once, nothing is cleaned up.
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=10)
+
+    postmaster = data_dir / "postgres" / "postmaster.pid"
+    with _server(["run"], env, port, tmp_path):
+        user = {"Authorization": f"Bearer {_token(data_dir, '--sub', 'alice', '--roles', 'user')}"}
+        assert httpx.get(f"http://127.0.0.1:{port}/tasks", headers=user).status_code == 200
+    # A clean stop after the crash stops the embedded PostgreSQL again.
+    deadline = time.monotonic() + 10
+    while postmaster.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not postmaster.exists()

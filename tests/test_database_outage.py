@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from pathlib import Path
 
 import pgserver
+import psutil
 import pytest
 
 from taskapp.app import create_app
@@ -61,6 +63,38 @@ async def test_outage_is_503_and_recovery_is_automatic(private_postgres, make_se
         # The write refused during the outage left nothing behind; the earlier one survived.
         assert [task["title"] for task in listed.json()["items"]] == ["before"]
         assert (await client.get("/readyz")).status_code == 200
+
+
+def _signal_cluster(data_dir: Path, signum: int) -> None:
+    """Send `signum` to the postmaster and every backend of the cluster in `data_dir`."""
+    postmaster = psutil.Process(int((data_dir / "postmaster.pid").read_text().split()[0]))
+    for process in [postmaster, *postmaster.children(recursive=True)]:
+        process.send_signal(signum)
+
+
+async def test_frozen_database_is_503_within_the_timeouts(private_postgres, make_settings, oidc):
+    """A server that accepts nothing and answers nothing (stopped, not refused)."""
+    url, data_dir = private_postgres
+    auth = oidc.auth("alice")
+    settings = make_settings(
+        database={"url": url, "connect_timeout": 1, "command_timeout": 1, "pool_timeout": 1}
+    )
+    async with running(create_app(settings)) as client:
+        assert (await client.post("/tasks", json={"title": "x"}, headers=auth)).status_code == 201
+        _signal_cluster(data_dir, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            # Bounded here too, so a regression fails the test instead of hanging it.
+            response = await asyncio.wait_for(client.get("/tasks", headers=auth), 10)
+            elapsed = time.monotonic() - started
+        finally:
+            _signal_cluster(data_dir, signal.SIGCONT)
+        assert response.status_code == 503, response.text
+        assert response.json() == {"detail": "Database unavailable"}
+        assert elapsed < 4
+        listed = await client.get("/tasks", headers=auth)
+        assert listed.status_code == 200
+        assert listed.json()["total"] == 1
 
 
 async def test_unreachable_database_is_503(make_settings, oidc):

@@ -39,6 +39,12 @@ def load_or_create_dev_key(data_dir: Path) -> rsa.RSAPrivateKey:
         else:
             with os.fdopen(fd, "wb") as file:
                 file.write(pem)
+    return load_dev_key(data_dir)
+
+
+def load_dev_key(data_dir: Path) -> rsa.RSAPrivateKey:
+    """The dev RSA key in `data_dir`; FileNotFoundError when `taskapp run` has not made one."""
+    path = data_dir / DEV_KEY_FILE
     loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(loaded, rsa.RSAPrivateKey):
         raise ValueError(f"{path} is not an RSA private key")

@@ -34,6 +34,8 @@ class SigningKey:
 class KeySource(Protocol):
     async def get_key(self, kid: str | None, algorithm: str) -> SigningKey: ...
 
+    async def aclose(self) -> None: ...
+
 
 def parse_jwks(document: Any) -> dict[str, SigningKey]:
     """Signing keys of a JWKS document by kid; encryption and unusable keys are skipped."""
@@ -85,14 +87,19 @@ class StaticKeySource:
             raise InvalidTokenError("Unknown signing key")
         return key
 
+    async def aclose(self) -> None:
+        pass
+
 
 class OIDCKeySource:
     """The provider's JWKS, found through discovery and cached.
 
-    Keys are refreshed after `ttl` seconds, and at once when a token names an unknown kid
-    (at most once per `cooldown`, so a flood of made-up kids cannot hammer the provider):
-    a key rotation is picked up without a restart. Concurrent callers share one fetch.
-    A failed fetch keeps the keys already known and is not retried within `cooldown`.
+    - Keys older than `ttl` are refreshed in the background while the cached ones keep
+      serving, so a slow provider never slows requests down; only a cold cache waits.
+    - A token naming an unknown kid forces a fetch at once (at most once per `cooldown`, so
+      a flood of made-up kids cannot hammer the provider): rotations need no restart.
+    - Concurrent callers share one fetch. A failed fetch keeps the keys already known and
+      is not retried within `cooldown`.
     """
 
     def __init__(
@@ -111,33 +118,46 @@ class OIDCKeySource:
 
     async def get_key(self, kid: str | None, algorithm: str) -> SigningKey:
         now = time.monotonic()
+        waited = False
         if now - self._fetched_at > self._ttl and now - self._failed_at >= self._cooldown:
-            await self._refresh()
+            refresh = self._start_fetch()
+            if not self._keys:
+                await asyncio.shield(refresh)
+                waited = True
         key = select_key(self._keys, kid, algorithm)
-        if key is None and time.monotonic() - self._unknown_kid_at >= self._cooldown:
-            self._unknown_kid_at = time.monotonic()
-            await self._refresh()
-            key = select_key(self._keys, kid, algorithm)
+        if key is None and not waited:
+            # Wait for a fetch under way (it may bring the key); start one if allowed.
+            fetch = self._inflight
+            if fetch is None and time.monotonic() - self._unknown_kid_at >= self._cooldown:
+                self._unknown_kid_at = time.monotonic()
+                fetch = self._start_fetch()
+            if fetch is not None:
+                # shield: a caller that goes away does not cancel the fetch others wait for.
+                await asyncio.shield(fetch)
+                key = select_key(self._keys, kid, algorithm)
         if key is None:
             if not self._keys:
                 raise ProviderUnavailableError("Identity provider keys are unavailable")
             raise InvalidTokenError("Unknown signing key")
         return key
 
-    async def _refresh(self) -> None:
-        """Fetch the keys, or wait for the fetch already under way."""
+    async def aclose(self) -> None:
+        if self._inflight is not None:
+            self._inflight.cancel()
+
+    def _start_fetch(self) -> asyncio.Task[None]:
+        """The fetch under way, or a new one."""
         if self._inflight is None:
             self._inflight = asyncio.create_task(self._fetch_and_store())
-        # shield: a caller that goes away (client disconnect) does not cancel the others' fetch.
-        await asyncio.shield(self._inflight)
+        return self._inflight
 
     async def _fetch_and_store(self) -> None:
         try:
             keys = await self._fetch()
-        except (httpx.HTTPError, ValueError) as exc:
+        except Exception as exc:  # any failure: keep serving the keys already known
             self._failed_at = time.monotonic()
             logger.warning(
-                "JWKS fetch from %s failed (%s); keeping %d known keys",
+                "JWKS fetch from %s failed (%r); keeping %d known keys",
                 self.issuer,
                 exc,
                 len(self._keys),

@@ -18,7 +18,12 @@ router = APIRouter(prefix="/tasks", tags=["tasks"], responses=error_responses(40
 MAX_PAGE = 1_000_000
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=TaskRead)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=TaskRead,
+    responses=error_responses(400, 413),
+)
 async def create_task(
     body: TaskCreate, principal: UserPrincipal, service: TaskServiceDep
 ) -> object:
@@ -49,7 +54,7 @@ async def get_task(task_id: uuid.UUID, principal: UserPrincipal, service: TaskSe
     return await service.get(principal, task_id)
 
 
-@router.patch("/{task_id}", response_model=TaskRead, responses=error_responses(404))
+@router.patch("/{task_id}", response_model=TaskRead, responses=error_responses(400, 404, 413))
 async def update_task(
     task_id: uuid.UUID, body: TaskUpdate, principal: UserPrincipal, service: TaskServiceDep
 ) -> object:

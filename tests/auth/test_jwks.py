@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -39,6 +40,7 @@ def provider(served_provider: OIDCProvider) -> OIDCProvider:
     served_provider.published.clear()
     served_provider.extra_jwks = []
     served_provider.down = False
+    served_provider.delay = 0
     served_provider.add_key()
     served_provider.jwks_fetches = 0
     return served_provider
@@ -52,6 +54,17 @@ async def started(
     app = create_app(make_settings(oidc_={"issuer": provider.issuer, **oidc}))
     async with running(app) as client:
         yield client
+
+
+async def wait_for_fetches(
+    provider: OIDCProvider, count: int, client: httpx.AsyncClient, token: str
+) -> None:
+    """Send requests until the provider has served `count` JWKS fetches (2 s at most)."""
+    deadline = time.monotonic() + 2
+    while provider.jwks_fetches < count:
+        assert time.monotonic() < deadline, f"only {provider.jwks_fetches} fetches"
+        await client.get("/tasks", headers=bearer(token))
+        await asyncio.sleep(0.02)
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -194,7 +207,40 @@ async def test_keys_are_refetched_after_the_ttl(
         assert provider.jwks_fetches == 1
 
         await asyncio.sleep(0.3)
+        await wait_for_fetches(provider, 2, client, provider.token())
+        await asyncio.sleep(0.05)
+        assert provider.jwks_fetches == 2
+
+
+async def test_stale_keys_keep_serving_while_a_slow_provider_is_refreshed(
+    make_settings: SettingsFactory, provider: OIDCProvider
+) -> None:
+    async with started(
+        make_settings, provider, jwks_cache_ttl=0.2, jwks_refetch_cooldown=0.1, http_timeout=3
+    ) as client:
         assert (await client.get("/tasks", headers=provider.auth())).status_code == 200
+        await asyncio.sleep(0.3)
+        provider.delay = 1.5  # the provider answers, but slowly
+        started_at = time.monotonic()
+        for _ in range(5):
+            assert (await client.get("/tasks", headers=provider.auth())).status_code == 200
+        assert time.monotonic() - started_at < 1.0
+        provider.delay = 0
+
+
+async def test_requests_naming_a_new_kid_wait_for_the_fetch_under_way(
+    make_settings: SettingsFactory, provider: OIDCProvider
+) -> None:
+    async with started(make_settings, provider, jwks_refetch_cooldown=60) as client:
+        assert (await client.get("/tasks", headers=provider.auth())).status_code == 200
+        provider.add_key()
+        provider.delay = 0.3  # keep the refetch in flight while the others arrive
+        token = provider.token()
+        responses = await asyncio.gather(
+            *(client.get("/tasks", headers=bearer(token)) for _ in range(10))
+        )
+        provider.delay = 0
+        assert [r.status_code for r in responses] == [200] * 10
         assert provider.jwks_fetches == 2
 
 
@@ -213,6 +259,9 @@ async def test_key_withdrawn_by_the_provider_stops_working_after_the_ttl(
         provider.published.remove(old_kid)  # e.g. a compromised key, disabled in Keycloak
         await asyncio.sleep(0.3)
 
+        # The first request after the TTL starts a background refresh; once it lands the
+        # withdrawn key is refused.
+        await wait_for_fetches(provider, 2, client, new_token)
         assert_invalid_token(await client.get("/tasks", headers=bearer(old_token)))
         assert (await client.get("/tasks", headers=bearer(new_token))).status_code == 200
 
