@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from taskapp.auth.devkey import DEV_ISSUER, DEV_KEY_FILE, load_or_create_dev_key
+from tests.fixtures.services import scratch_database
 
 TASKAPP = str(Path(sys.executable).with_name("taskapp"))
 
@@ -247,3 +248,38 @@ def test_run_refuses_a_second_instance_and_recovers_from_a_crash(tmp_path):
     while postmaster.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not postmaster.exists()
+
+
+def test_migrate_reports_an_unreachable_database_in_one_line(tmp_path):
+    result = subprocess.run(
+        [TASKAPP, "migrate"],
+        env=_env(TASKAPP_DATABASE_URL="postgresql://nobody@127.0.0.1:9/none"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert result.stderr.startswith("taskapp: cannot migrate the database:")
+    assert "Traceback" not in result.stderr
+
+
+def test_migrate_brings_an_empty_database_to_head(tmp_path, postgres_admin_url):
+    with scratch_database(postgres_admin_url, prefix="taskapp_cli") as url:
+        env = _env(TASKAPP_DATABASE_URL=url)
+        for _ in range(2):  # a second run finds nothing to do
+            result = subprocess.run(
+                [TASKAPP, "migrate"], env=env, cwd=tmp_path, capture_output=True, text=True
+            )
+            assert result.returncode == 0, result.stderr
+        check = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"from alembic import command; from taskapp.db import "
+                f"alembic_config; command.check(alembic_config({url!r}))",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert check.returncode == 0, check.stderr
