@@ -5,16 +5,11 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
 from sqlalchemy import text
 
 from taskapp.app import create_app
 from tests.conftest import running
-
-
-async def _count(app: FastAPI) -> int:
-    async with app.state.engine.connect() as connection:
-        return int((await connection.execute(text("SELECT count(*) FROM tasks"))).scalar_one())
+from tests.fixtures.tasks import db_count
 
 
 async def test_declared_oversize_body_is_413_without_reading_it(client, app, oidc):
@@ -24,7 +19,7 @@ async def test_declared_oversize_body_is_413_without_reading_it(client, app, oid
     )
     assert response.status_code == 413
     assert response.json() == {"detail": "Request body too large"}
-    assert await _count(app) == 0
+    assert await db_count(app) == 0
 
 
 async def test_streamed_oversize_body_is_413(client, app, oidc):
@@ -40,7 +35,7 @@ async def test_streamed_oversize_body_is_413(client, app, oidc):
     assert "content-length" not in response.request.headers
     assert response.status_code == 413
     assert response.json() == {"detail": "Request body too large"}
-    assert await _count(app) == 0
+    assert await db_count(app) == 0
 
 
 async def test_oversize_body_is_refused_before_authentication(client):

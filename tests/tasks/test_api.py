@@ -9,10 +9,11 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import insert, text
+from sqlalchemy import insert
 
 from taskapp.tasks.models import Task
 from tests.fixtures.oidc import OIDCProvider
+from tests.fixtures.tasks import create, db_row
 
 NOT_FOUND = {"detail": "Task not found"}
 STATUSES = ("pending", "in_progress", "completed")
@@ -25,28 +26,6 @@ def parse_utc(value: Any) -> datetime:
     assert parsed.tzinfo is not None, value
     assert parsed.utcoffset() == timedelta(0), value
     return parsed
-
-
-async def db_row(app: FastAPI, task_id: str) -> dict[str, Any] | None:
-    """The task as stored, read on a fresh connection (so only committed data is seen)."""
-    async with app.state.engine.connect() as connection:
-        result = await connection.execute(
-            text(
-                "SELECT owner, id, title, description, status, created_at, updated_at "
-                "FROM tasks WHERE id = :id"
-            ),
-            {"id": uuid.UUID(task_id)},
-        )
-        row = result.mappings().one_or_none()
-    return dict(row) if row is not None else None
-
-
-async def create(client: httpx.AsyncClient, auth: dict[str, str], **fields: Any) -> dict[str, Any]:
-    fields.setdefault("title", "a task")
-    response = await client.post("/tasks", json=fields, headers=auth)
-    assert response.status_code == 201, response.text
-    body: dict[str, Any] = response.json()
-    return body
 
 
 # --- create -------------------------------------------------------------------------------

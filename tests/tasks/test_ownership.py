@@ -8,36 +8,11 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import text
 
 from tests.fixtures.oidc import AUDIENCE, OIDCProvider
+from tests.fixtures.tasks import create, db_count, db_row
 
 NOT_FOUND = {"detail": "Task not found"}
-
-
-async def db_row(app: FastAPI, task_id: str) -> dict[str, Any] | None:
-    async with app.state.engine.connect() as connection:
-        result = await connection.execute(
-            text(
-                "SELECT owner, title, description, status, created_at, updated_at "
-                "FROM tasks WHERE id = :id"
-            ),
-            {"id": uuid.UUID(task_id)},
-        )
-        row = result.mappings().one_or_none()
-    return dict(row) if row is not None else None
-
-
-async def db_count(app: FastAPI) -> int:
-    async with app.state.engine.connect() as connection:
-        return int((await connection.execute(text("SELECT count(*) FROM tasks"))).scalar_one())
-
-
-async def create(client: httpx.AsyncClient, auth: dict[str, str], title: str) -> dict[str, Any]:
-    response = await client.post("/tasks", json={"title": title}, headers=auth)
-    assert response.status_code == 201, response.text
-    body: dict[str, Any] = response.json()
-    return body
 
 
 @pytest.fixture
@@ -72,7 +47,7 @@ async def seeded(
         ("bob", bob),
         ("alice", alice),
     ]:
-        tasks[owner].append(await create(client, auth, f"{owner} {len(tasks[owner])}"))
+        tasks[owner].append(await create(client, auth, title=f"{owner} {len(tasks[owner])}"))
     return tasks
 
 
@@ -122,8 +97,8 @@ async def test_user_status_filter_stays_within_own_tasks(
 async def test_task_is_owned_by_the_token_subject(
     client: httpx.AsyncClient, app: FastAPI, alice: dict[str, str], admin: dict[str, str]
 ) -> None:
-    mine = await create(client, alice, "mine")
-    admins = await create(client, admin, "admin's")
+    mine = await create(client, alice, title="mine")
+    admins = await create(client, admin, title="admin's")
     assert (await db_row(app, mine["id"]) or {})["owner"] == "alice"
     assert (await db_row(app, admins["id"]) or {})["owner"] == "root"
 
@@ -351,7 +326,7 @@ async def test_token_without_user_or_admin_role_is_forbidden(
     token: str,
 ) -> None:
     # The subject owns the task: even its own data is off limits without a role.
-    owned = await create(client, oidc.auth("mallory"), "mallory's")
+    owned = await create(client, oidc.auth("mallory"), title="mallory's")
     before = await db_row(app, owned["id"])
     count = await db_count(app)
     auth = oidc.auth("mallory", **NO_ROLE_TOKENS[token])

@@ -8,29 +8,11 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import text
 
 from tests.fixtures.oidc import OIDCProvider
+from tests.fixtures.tasks import db_count, db_row
 
 SECRET = "s3cr3t-marker"  # a value that must never be echoed back
-
-
-async def db_count(app: FastAPI) -> int:
-    async with app.state.engine.connect() as connection:
-        return int((await connection.execute(text("SELECT count(*) FROM tasks"))).scalar_one())
-
-
-async def db_row(app: FastAPI, task_id: str) -> dict[str, Any] | None:
-    async with app.state.engine.connect() as connection:
-        result = await connection.execute(
-            text(
-                "SELECT owner, title, description, status, created_at, updated_at "
-                "FROM tasks WHERE id = :id"
-            ),
-            {"id": uuid.UUID(task_id)},
-        )
-        row = result.mappings().one_or_none()
-    return dict(row) if row is not None else None
 
 
 def assert_validation_error(response: httpx.Response) -> None:
