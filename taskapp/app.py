@@ -15,12 +15,14 @@ from taskapp.auth.devkey import DEV_ISSUER, dev_key_source
 from taskapp.auth.jwks import KeySource, OIDCKeySource
 from taskapp.auth.tokens import TokenVerifier
 from taskapp.body_limit import BodySizeLimitMiddleware
+from taskapp.cache import ResponseCache
 from taskapp.config import Settings, get_settings
 from taskapp.db import create_engine, create_session_factory
 from taskapp.errors import error_responses, install_error_handlers
 from taskapp.observability.health import router as health_router
 from taskapp.observability.logging import configure_logging
 from taskapp.observability.requestid import RequestIdMiddleware
+from taskapp.ratelimit import RateLimiter, RateLimitMiddleware
 from taskapp.redis_client import create_redis
 from taskapp.tasks.router import router as tasks_router
 
@@ -60,12 +62,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.engine = engine
     app.state.session_factory = create_session_factory(engine)
     app.state.redis = redis
+    app.state.rate_limiter = RateLimiter(
+        redis, key_prefix=settings.redis.key_prefix, timeout=settings.ratelimit.timeout
+    )
+    app.state.cache = cache = ResponseCache(
+        redis, settings.cache, key_prefix=settings.redis.key_prefix
+    )
     app.state.token_verifier = TokenVerifier(
         keys, issuer=issuer, audience=settings.oidc.audience, leeway=settings.oidc.leeway
     )
     try:
         yield
     finally:
+        await cache.aclose()
         await keys.aclose()
         await http.aclose()
         await redis.aclose()
@@ -118,7 +127,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
     install_error_handlers(app)
-    # Added last = outermost: the request id covers everything, the body cap comes next.
+    # Added last = outermost: the request id covers everything, then the body cap, then
+    # the rate limit (which authenticates) before any route or body parsing runs.
+    app.add_middleware(RateLimitMiddleware, settings=settings.ratelimit)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(health_router)

@@ -7,14 +7,15 @@ Each concern is a group with its own prefix, so the external names stay flat and
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, NamedTuple, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PLACEHOLDER_SECRETS = frozenset({"changethis", "changeme", "secret", "password"})
 
@@ -77,8 +78,10 @@ class RedisSettings(BaseSettings):
     model_config = _group("TASKAPP_REDIS_")
 
     url: SecretStr | None = None
-    # Redis is on the hot path later (cache, rate limit): never let it stall a request.
+    # Redis is on the hot path (cache, rate limit): never let it stall a request.
     socket_timeout: Annotated[float, Field(gt=0, le=30)] = 0.5
+    # Prefix of every key taskapp writes, so several deployments can share one Redis.
+    key_prefix: Annotated[str, Field(min_length=1, max_length=64)] = "taskapp:"
 
     @field_validator("url")
     @classmethod
@@ -117,6 +120,86 @@ class OIDCSettings(BaseSettings):
         return value.rstrip("/")
 
 
+class CacheSettings(BaseSettings):
+    """`TASKAPP_CACHE_*`: the Redis response cache of GET /tasks and GET /tasks/{id}."""
+
+    model_config = _group("TASKAPP_CACHE_")
+
+    enabled: bool = True
+    ttl: Annotated[int, Field(ge=1, le=86_400)] = 60
+    # Longest a cache operation may take before the request goes to the database instead.
+    timeout: Annotated[float, Field(gt=0, le=5)] = 0.2
+    # After a Redis failure, requests bypass the cache for this long before trying again.
+    retry_interval: Annotated[float, Field(gt=0, le=60)] = 1.0
+    # How long one loader holds the fill lock of a key, and how long others wait for it.
+    lock_ttl: Annotated[float, Field(gt=0, le=30)] = 2.0
+    lock_wait: Annotated[float, Field(ge=0, le=10)] = 0.5
+
+
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*(s|sec|second|m|min|minute|h|hour|d|day)s?\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class Rate(NamedTuple):
+    """`requests` per `period` seconds."""
+
+    requests: int
+    period: int
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        match = _RATE.match(text.lower())
+        if not match or int(match.group(1)) < 1:
+            raise ValueError(f"{text!r} is not a rate such as 100/minute, 10/second or 500/5m")
+        period = int(match.group(2) or 1) * _UNIT_SECONDS[match.group(3)[0]]
+        if period < 1:
+            raise ValueError(f"{text!r} has an empty period")
+        return cls(int(match.group(1)), period)
+
+    def __str__(self) -> str:
+        return f"{self.requests}/{self.period}s"
+
+
+class RateLimitSettings(BaseSettings):
+    """Rate limits: `TASKAPP_RATE_LIMIT` per user, `TASKAPP_RATE_LIMIT_*` for the rest."""
+
+    model_config = _group("TASKAPP_RATE_LIMIT_") | {"populate_by_name": True}
+
+    enabled: bool = True
+    # Per authenticated subject.
+    per_user: Annotated[Rate, NoDecode, Field(validation_alias="TASKAPP_RATE_LIMIT")] = Rate(
+        100, 60
+    )
+    # Per client IP, for requests without a valid token (including failed authentication).
+    anonymous: Annotated[Rate, NoDecode] = Rate(20, 60)
+    # When Redis is unreachable: let requests through (False) or answer 503 (True).
+    fail_closed: bool = False
+    # Longest a limit check may take before Redis counts as unreachable.
+    timeout: Annotated[float, Field(gt=0, le=5)] = 0.2
+    # Peers whose X-Forwarded-For is believed, e.g. "127.0.0.1,10.0.0.0/8" (a reverse proxy).
+    trusted_proxies: Annotated[str, Field(validation_alias="TASKAPP_TRUSTED_PROXIES")] = ""
+
+    @field_validator("per_user", "anonymous", mode="before")
+    @classmethod
+    def _rate(cls, value: object) -> object:
+        return Rate.parse(value) if isinstance(value, str) else value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            try:
+                ipaddress.ip_network(part, strict=False)
+            except ValueError:
+                raise ValueError(f"{part!r} is not an IP address or network") from None
+        return value
+
+    @property
+    def trusted_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        parts = (p.strip() for p in self.trusted_proxies.split(","))
+        return [ipaddress.ip_network(p, strict=False) for p in parts if p]
+
+
 class Settings(BaseSettings):
     """All configuration of taskapp. Validated once at start-up."""
 
@@ -136,6 +219,9 @@ class Settings(BaseSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
     oidc: OIDCSettings = Field(default_factory=OIDCSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    # Not "rate_limit": TASKAPP_RATE_LIMIT is the per-user rate inside this group.
+    ratelimit: RateLimitSettings = Field(default_factory=RateLimitSettings)
 
     @property
     def is_production(self) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 import sqlalchemy.exc as sa_exc
@@ -87,6 +87,15 @@ def unavailable_reason(exc: BaseException) -> str | None:
     return None
 
 
+AfterCommit = Callable[[], Awaitable[None]]
+
+
+def after_commit(session: AsyncSession, callback: AfterCommit) -> None:
+    """Run `callback` once this request's transaction has committed (never if it fails),
+    before the response is sent; e.g. cache invalidation."""
+    session.info.setdefault("after_commit", []).append(callback)
+
+
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     """One session per request; commits once, after the handler, before the response."""
     factory: async_sessionmaker[AsyncSession] = request.app.state.session_factory
@@ -100,6 +109,8 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
             if reason is not None:
                 raise DatabaseUnavailableError(reason) from exc
             raise
+        for callback in session.info.pop("after_commit", []):
+            await callback()
 
 
 # scope="function": the commit runs before the response is sent, so a failed commit

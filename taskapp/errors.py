@@ -53,6 +53,15 @@ _RESPONSES: dict[int, dict[str, Any]] = {
     403: {"description": "The token lacks a role this operation needs"},
     404: {"description": "Not found, or not visible to the caller"},
     413: {"description": "The request body is larger than the configured limit"},
+    429: {
+        "description": "Too many requests from this caller; retry after Retry-After seconds",
+        "headers": {
+            "Retry-After": _header("Seconds until a request will be accepted"),
+            "RateLimit-Limit": _header("Requests allowed per window"),
+            "RateLimit-Remaining": _header("Requests left in the current window"),
+            "RateLimit-Reset": _header("Seconds until the full quota is available again"),
+        },
+    },
     500: {"description": "Unexpected error; the X-Request-ID header identifies it in the logs"},
     503: {
         "description": "A backing service (database, identity provider) is unavailable",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,13 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from taskapp.app import create_app
-from taskapp.config import DatabaseSettings, OIDCSettings, RedisSettings, Settings
+from taskapp.config import (
+    DatabaseSettings,
+    OIDCSettings,
+    RateLimitSettings,
+    RedisSettings,
+    Settings,
+)
 from taskapp.db import upgrade_database
 from tests.fixtures.oidc import OIDCProvider, serve_provider
 from tests.fixtures.services import postgres_server, redis_server, scratch_database
@@ -62,6 +69,7 @@ def make_settings(database_url: str, redis_url: str, oidc: OIDCProvider) -> Sett
         database: dict[str, Any] | None = None,
         redis: dict[str, Any] | None = None,
         oidc_: dict[str, Any] | None = None,
+        ratelimit: dict[str, Any] | None = None,
         **top: Any,
     ) -> Settings:
         return Settings(
@@ -71,8 +79,22 @@ def make_settings(database_url: str, redis_url: str, oidc: OIDCProvider) -> Sett
                 _env_file=None,
                 **{"url": database_url, "pool_timeout": 2, **(database or {})},
             ),
-            redis=RedisSettings(_env_file=None, **{"url": redis_url, **(redis or {})}),
+            # A key prefix of its own per app: no cached entry or rate-limit bucket is shared
+            # with another test's app unless a test asks for it.
+            redis=RedisSettings(
+                _env_file=None,
+                **{"url": redis_url, "key_prefix": f"test-{uuid.uuid4().hex}:", **(redis or {})},
+            ),
             oidc=OIDCSettings(_env_file=None, **{"issuer": oidc.issuer, **(oidc_ or {})}),
+            # Limits out of the way unless a test is about them.
+            ratelimit=RateLimitSettings(
+                _env_file=None,
+                **{
+                    "per_user": "1000000/second",
+                    "anonymous": "1000000/second",
+                    **(ratelimit or {}),
+                },
+            ),
             **top,
         )
 
@@ -98,7 +120,8 @@ async def app(make_settings: SettingsFactory) -> AsyncIterator[FastAPI]:
 
 @pytest.fixture
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    """The shared app's client; every task is removed after the test."""
+    """The shared app's client; every task (and every cached response) is removed after."""
     yield app.state.test_client
     async with app.state.engine.begin() as connection:
         await connection.execute(text("TRUNCATE tasks"))
+    await app.state.cache.clear()

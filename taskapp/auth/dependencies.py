@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from taskapp.auth.errors import InvalidTokenError
+from taskapp.auth.errors import InvalidTokenError, ProviderUnavailableError
 from taskapp.auth.principal import Principal, Role
 from taskapp.auth.tokens import TokenVerifier
 from taskapp.errors import ForbiddenError
+
+AuthError = InvalidTokenError | ProviderUnavailableError
 
 bearer_scheme = HTTPBearer(
     auto_error=False,
@@ -20,19 +22,41 @@ bearer_scheme = HTTPBearer(
 )
 
 
+# Where the rate limiter leaves the verification result for the route's dependency.
+AUTH_STATE = "auth_result"
+
+
+async def authenticate(app: Any, authorization: str | None) -> Principal | AuthError:
+    """Verify an Authorization header value: the caller, or the error to answer with."""
+    try:
+        return await _verify(app, authorization)
+    except (InvalidTokenError, ProviderUnavailableError) as exc:
+        return exc
+
+
+async def _verify(app: Any, authorization: str | None) -> Principal:
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        # RFC 6750: a request with no bearer credentials gets a challenge without an error.
+        raise InvalidTokenError("Not authenticated", missing=True)
+    if not token.strip():
+        raise InvalidTokenError("Malformed token")
+    verifier: TokenVerifier = app.state.token_verifier
+    return await verifier.verify(token.strip())
+
+
 async def get_principal(
     request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
+    # Declared for the OpenAPI security scheme; the header is parsed by `authenticate`.
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
 ) -> Principal:
     """The caller behind the request's bearer token; 401 when there is none or it is bad."""
-    if credentials is None:
-        # "Bearer" with nothing after it is a malformed token, not a missing one.
-        scheme = request.headers.get("Authorization", "").strip().partition(" ")[0]
-        if scheme.lower() == "bearer":
-            raise InvalidTokenError("Malformed token")
-        raise InvalidTokenError("Not authenticated", missing=True)
-    verifier: TokenVerifier = request.app.state.token_verifier
-    return await verifier.verify(credentials.credentials)
+    result = getattr(request.state, AUTH_STATE, None)
+    if result is None:
+        result = await authenticate(request.app, request.headers.get("authorization"))
+    if not isinstance(result, Principal):
+        raise result
+    return result
 
 
 def require_role(*roles: Role) -> Callable[[Principal], Awaitable[Principal]]:

@@ -63,9 +63,10 @@ class TaskRepository:
         )
         return result.scalar_one_or_none()
 
-    async def delete(self, task_id: uuid.UUID, *, owner: str | None) -> bool:
+    async def delete(self, task_id: uuid.UUID, *, owner: str | None) -> str | None:
+        """Delete the task; its owner, or None when there was no such task."""
         result = await self.session.execute(
-            delete(Task).where(*_match(task_id, owner)).returning(Task.id),
+            delete(Task).where(*_match(task_id, owner)).returning(Task.owner),
             execution_options={"synchronize_session": False},
         )
-        return result.scalar_one_or_none() is not None
+        return result.scalar_one_or_none()

@@ -1,20 +1,26 @@
-"""Task rules: who may see and change which task."""
+"""Task rules: who may see and change which task, and the cache in front of the reads."""
 
 from __future__ import annotations
 
 import uuid
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Request
 
 from taskapp.auth.principal import Principal
-from taskapp.db import SessionDep
+from taskapp.cache import ResponseCache
+from taskapp.db import SessionDep, after_commit
 from taskapp.errors import ForbiddenError, NotFoundError
 from taskapp.tasks.models import Task, TaskStatus
 from taskapp.tasks.repository import TaskRepository
 from taskapp.tasks.schemas import TaskCreate, TaskPage, TaskRead, TaskUpdate
 
 TASK_NOT_FOUND = "Task not found"
+ADMIN_VIEW = "admin"
+
+
+def _owner_view(owner: str) -> str:
+    return f"owner:{owner}"
 
 
 def _scope(principal: Principal) -> str | None:
@@ -22,9 +28,21 @@ def _scope(principal: Principal) -> str | None:
     return None if principal.is_admin else principal.subject
 
 
+def _view(principal: Principal) -> str:
+    """The cache scope of what the caller can see: their own tasks, or everything."""
+    return ADMIN_VIEW if principal.is_admin else _owner_view(principal.subject)
+
+
+def _json(task: Task) -> bytes:
+    return TaskRead.model_validate(task).model_dump_json().encode()
+
+
 class TaskService:
-    def __init__(self, repository: TaskRepository) -> None:
+    """Reads return serialized JSON so a cache hit skips the database and the models."""
+
+    def __init__(self, repository: TaskRepository, cache: ResponseCache) -> None:
         self.repository = repository
+        self.cache = cache
 
     async def create(self, principal: Principal, data: TaskCreate) -> Task:
         task = Task(
@@ -34,7 +52,9 @@ class TaskService:
             description=data.description,
             status=data.status.value,
         )
-        return await self.repository.add(task)
+        task = await self.repository.add(task)
+        self._invalidate_after_commit(task.owner)
+        return task
 
     async def list(
         self,
@@ -44,45 +64,62 @@ class TaskService:
         page_size: int,
         owner: str | None,
         status: TaskStatus | None,
-    ) -> TaskPage:
+    ) -> bytes:
         if principal.is_admin:
             scope = owner
         elif owner is None or owner == principal.subject:
             scope = principal.subject
         else:
             raise ForbiddenError("Only admins may list another owner's tasks")
-        total, tasks = await self.repository.list(
-            owner=scope,
-            status=status.value if status else None,
-            offset=(page - 1) * page_size,
-            limit=page_size,
-        )
-        return TaskPage(
-            total=total,
-            page=page,
-            page_size=page_size,
-            items=[TaskRead.model_validate(task) for task in tasks],
-        )
 
-    async def get(self, principal: Principal, task_id: uuid.UUID) -> Task:
-        task = await self.repository.get(task_id, owner=_scope(principal))
-        if task is None:
-            raise NotFoundError(TASK_NOT_FOUND)
-        return task
+        async def load() -> bytes:
+            total, tasks = await self.repository.list(
+                owner=scope,
+                status=status.value if status else None,
+                offset=(page - 1) * page_size,
+                limit=page_size,
+            )
+            items = [TaskRead.model_validate(task) for task in tasks]
+            result = TaskPage(total=total, page=page, page_size=page_size, items=items)
+            return result.model_dump_json().encode()
+
+        # The owner filter is part of the key, never of the scope: an admin's filtered
+        # page lives in the admin view, which every write invalidates.
+        key = f"list:{page}:{page_size}:{status or ''}:{len(owner or '')}:{owner or ''}"
+        return await self.cache.get_or_load(_view(principal), key, load)
+
+    async def get(self, principal: Principal, task_id: uuid.UUID) -> bytes:
+        async def load() -> bytes:
+            task = await self.repository.get(task_id, owner=_scope(principal))
+            if task is None:
+                raise NotFoundError(TASK_NOT_FOUND)
+            return _json(task)
+
+        return await self.cache.get_or_load(_view(principal), f"task:{task_id}", load)
 
     async def update(self, principal: Principal, task_id: uuid.UUID, data: TaskUpdate) -> Task:
         task = await self.repository.update(task_id, data.changes(), owner=_scope(principal))
         if task is None:
             raise NotFoundError(TASK_NOT_FOUND)
+        self._invalidate_after_commit(task.owner)
         return task
 
     async def delete(self, principal: Principal, task_id: uuid.UUID) -> None:
-        if not await self.repository.delete(task_id, owner=_scope(principal)):
+        owner = await self.repository.delete(task_id, owner=_scope(principal))
+        if owner is None:
             raise NotFoundError(TASK_NOT_FOUND)
+        self._invalidate_after_commit(owner)
+
+    def _invalidate_after_commit(self, owner: str) -> None:
+        # A change to an owner's task is visible in their view and in the admin view.
+        async def invalidate() -> None:
+            await self.cache.invalidate(_owner_view(owner), ADMIN_VIEW)
+
+        after_commit(self.repository.session, invalidate)
 
 
-def get_task_service(session: SessionDep) -> TaskService:
-    return TaskService(TaskRepository(session))
+def get_task_service(session: SessionDep, request: Request) -> TaskService:
+    return TaskService(TaskRepository(session), request.app.state.cache)
 
 
 TaskServiceDep = Annotated[TaskService, Depends(get_task_service)]

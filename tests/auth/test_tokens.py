@@ -153,6 +153,7 @@ async def _tasks_removed_after_module(app: FastAPI) -> AsyncIterator[None]:
     yield
     async with app.state.engine.begin() as connection:
         await connection.execute(text("TRUNCATE tasks"))
+    await app.state.cache.clear()
 
 
 @pytest.fixture
