@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 
 from taskapp.config import CacheSettings
 from taskapp.observability.metrics import CACHE_ERRORS, CACHE_REQUESTS
-from taskapp.redis_client import REDIS_FAILURES, FailureLog
+from taskapp.redis_client import REDIS_FAILURES, RedisBreaker
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,13 @@ local epoch = redis.call('GET', KEYS[1]) or '0'
 local generation = redis.call('GET', KEYS[2]) or '0'
 local key = ARGV[1] .. epoch .. ':' .. generation .. ':' .. ARGV[2]
 return {key, redis.call('GET', key)}
+"""
+# Before loading: the entry if someone stored it since the lookup, else take the fill lock.
+_CLAIM = """
+local value = redis.call('GET', KEYS[1])
+if value then return {'filled', value} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'locked'} end
+return {'busy'}
 """
 # Store the entry and release the fill lock, if it is still ours.
 _STORE = """
@@ -62,12 +69,14 @@ class ResponseCache:
         self._prefix = f"{key_prefix}cache:"
         self._epoch_key = f"{self._prefix}epoch"
         self._lookup = redis.register_script(_LOOKUP)
+        self._claim = redis.register_script(_CLAIM)
         self._store = redis.register_script(_STORE)
-        self._bypass_until = float("-inf")
+        self._breaker = RedisBreaker(
+            logger, "response cache", retry_interval=settings.retry_interval
+        )
         self._lost_invalidation = False
         self._repair: asyncio.Task[None] | None = None
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
-        self._failures = FailureLog(logger, "response cache")
 
     @property
     def enabled(self) -> bool:
@@ -128,7 +137,7 @@ class ResponseCache:
         return f"{self._prefix}gen:{scope_id}"
 
     def _available(self) -> bool:
-        return not self._lost_invalidation and time.monotonic() >= self._bypass_until
+        return not self._lost_invalidation and self._breaker.available()
 
     async def _call(self, operation: str, awaitable: Awaitable[Any]) -> Any:
         try:
@@ -136,8 +145,7 @@ class ResponseCache:
                 return await awaitable
         except REDIS_FAILURES as exc:
             CACHE_ERRORS.labels(operation).inc()
-            self._failures.failed(exc)
-            self._bypass_until = time.monotonic() + self._settings.retry_interval
+            self._breaker.failed(exc)
             raise _Unavailable from exc
 
     async def _single_flight(self, entry_key: str, load: Loader) -> bytes:
@@ -165,11 +173,16 @@ class ResponseCache:
         lock_key = entry_key + ":lock"
         token = uuid.uuid4().hex
         try:
-            locked = await self._call(
+            claim = await self._call(
                 "lock",
-                self._redis.set(lock_key, token, nx=True, px=int(self._settings.lock_ttl * 1000)),
+                self._claim(
+                    keys=[entry_key, lock_key],
+                    args=[token, int(self._settings.lock_ttl * 1000)],
+                ),
             )
-            if not locked:
+            if claim[0] == b"filled":
+                return bytes(claim[1])
+            if claim[0] == b"busy":
                 value = await self._wait_for_fill(entry_key)
                 if value is not None:
                     return value

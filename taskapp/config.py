@@ -174,8 +174,10 @@ class RateLimitSettings(BaseSettings):
     anonymous: Annotated[Rate, NoDecode] = Rate(20, 60)
     # When Redis is unreachable: let requests through (False) or answer 503 (True).
     fail_closed: bool = False
-    # Longest a limit check may take before Redis counts as unreachable.
+    # Longest a limit check may take before Redis counts as unreachable, and how long
+    # checks are then skipped (failing open or closed) before Redis is tried again.
     timeout: Annotated[float, Field(gt=0, le=5)] = 0.2
+    retry_interval: Annotated[float, Field(gt=0, le=60)] = 1.0
     # Peers whose X-Forwarded-For is believed, e.g. "127.0.0.1,10.0.0.0/8" (a reverse proxy).
     trusted_proxies: Annotated[str, Field(validation_alias="TASKAPP_TRUSTED_PROXIES")] = ""
 

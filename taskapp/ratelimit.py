@@ -25,7 +25,7 @@ from taskapp.auth.dependencies import AUTH_STATE, authenticate
 from taskapp.auth.principal import Principal
 from taskapp.config import Rate, RateLimitSettings
 from taskapp.observability.metrics import RATE_LIMIT_DECISIONS, RATE_LIMIT_ERRORS
-from taskapp.redis_client import REDIS_FAILURES, FailureLog
+from taskapp.redis_client import REDIS_FAILURES, RedisBreaker
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,10 @@ class RateLimiter:
         )
 
 
+class RedisUnavailableError(Exception):
+    """The limiter is not asking Redis right now (it failed moments ago)."""
+
+
 def client_ip(scope: Scope, trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str:
     """The client's address: the peer, or, when the peer is a trusted proxy, the nearest
     untrusted address in X-Forwarded-For (the entries further left are client-controlled)."""
@@ -135,7 +139,7 @@ class RateLimitMiddleware:
         self.app = app
         self.settings = settings
         self.trusted = settings.trusted_networks
-        self._failures = FailureLog(logger, "rate limiter")
+        self._breaker = RedisBreaker(logger, "rate limiter", retry_interval=settings.retry_interval)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.settings.enabled or scope["path"] in EXEMPT_PATHS:
@@ -149,10 +153,13 @@ class RateLimitMiddleware:
         rate = self.settings.per_user if principal is not None else self.settings.anonymous
         limiter: RateLimiter = scope["app"].state.rate_limiter
         try:
+            if not self._breaker.available():
+                raise RedisUnavailableError("skipped: Redis failed moments ago")
             decision = await limiter.hit(bucket, rate)
-        except REDIS_FAILURES as exc:
+        except (*REDIS_FAILURES, RedisUnavailableError) as exc:
             RATE_LIMIT_ERRORS.inc()
-            self._failures.failed(exc)
+            if not isinstance(exc, RedisUnavailableError):
+                self._breaker.failed(exc)
             if self.settings.fail_closed:
                 response = JSONResponse(
                     {"detail": "Rate limiter unavailable"},

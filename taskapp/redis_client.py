@@ -26,19 +26,34 @@ def create_redis(settings: RedisSettings) -> Redis:
 REDIS_FAILURES = (RedisError, OSError, TimeoutError)
 
 
-class FailureLog:
-    """Logs a recurring failure at most once per `interval` seconds, with a count."""
+class RedisBreaker:
+    """After a Redis failure, callers skip Redis for `retry_interval` seconds (so a dead or
+    frozen Redis costs one timeout, not one per request), and the failure is logged at most
+    once per `log_interval` seconds, with a count of the ones not logged."""
 
-    def __init__(self, logger: logging.Logger, what: str, interval: float = 30.0) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        what: str,
+        *,
+        retry_interval: float,
+        log_interval: float = 30.0,
+    ) -> None:
         self._logger = logger
         self._what = what
-        self._interval = interval
-        self._last = float("-inf")
+        self._retry_interval = retry_interval
+        self._log_interval = log_interval
+        self._open_until = float("-inf")
+        self._logged_at = float("-inf")
         self._suppressed = 0
+
+    def available(self) -> bool:
+        return time.monotonic() >= self._open_until
 
     def failed(self, exc: BaseException) -> None:
         now = time.monotonic()
-        if now - self._last < self._interval:
+        self._open_until = now + self._retry_interval
+        if now - self._logged_at < self._log_interval:
             self._suppressed += 1
             return
         self._logger.warning(
@@ -47,5 +62,5 @@ class FailureLog:
             exc,
             self._suppressed,
         )
-        self._last = now
+        self._logged_at = now
         self._suppressed = 0

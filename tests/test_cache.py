@@ -1,0 +1,281 @@
+"""The response cache: hits skip the database, every write is visible at once, Redis faults
+fall back to the database, and nothing cached before a lost invalidation is served again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from sqlalchemy import event, insert, text
+
+from taskapp.app import create_app
+from taskapp.tasks.models import Task
+from tests.conftest import SettingsFactory, running
+from tests.fixtures.metrics import sample
+from tests.fixtures.oidc import OIDCProvider
+from tests.fixtures.services import private_redis
+from tests.fixtures.tasks import create
+
+
+@contextlib.contextmanager
+def task_queries(app: FastAPI) -> Iterator[list[str]]:
+    """The statements on `tasks` the app sends while the block runs."""
+    statements: list[str] = []
+
+    def capture(*args: Any) -> None:
+        if "tasks" in args[2]:
+            statements.append(args[2])
+
+    event.listen(app.state.engine.sync_engine, "before_cursor_execute", capture)
+    try:
+        yield statements
+    finally:
+        event.remove(app.state.engine.sync_engine, "before_cursor_execute", capture)
+
+
+def hits() -> float:
+    return sample("taskapp_cache_requests_total", result="hit")
+
+
+async def test_second_read_is_a_hit_without_database_work(
+    client: httpx.AsyncClient, app: FastAPI, oidc: OIDCProvider
+):
+    alice = oidc.auth("alice")
+    task = await create(client, alice, title="cached")
+    first_list = await client.get("/tasks", headers=alice)
+    first_item = await client.get(f"/tasks/{task['id']}", headers=alice)
+    before = hits()
+    with task_queries(app) as statements:
+        second_list = await client.get("/tasks", headers=alice)
+        second_item = await client.get(f"/tasks/{task['id']}", headers=alice)
+    assert statements == []
+    assert hits() == before + 2
+    assert second_list.content == first_list.content
+    assert second_item.content == first_item.content
+    assert second_list.headers["content-type"] == "application/json"
+
+
+async def test_every_write_is_visible_to_the_next_read(
+    client: httpx.AsyncClient, oidc: OIDCProvider
+):
+    alice, admin = oidc.auth("alice"), oidc.auth("root", roles=["admin"])
+    task = await create(client, alice, title="v1")
+    for headers in (alice, admin):  # warm both views
+        await client.get("/tasks", headers=headers)
+        await client.get(f"/tasks/{task['id']}", headers=headers)
+
+    await client.patch(f"/tasks/{task['id']}", json={"title": "v2"}, headers=alice)
+    for headers in (alice, admin):
+        assert (await client.get(f"/tasks/{task['id']}", headers=headers)).json()["title"] == "v2"
+        assert (await client.get("/tasks", headers=headers)).json()["items"][0]["title"] == "v2"
+
+    # An admin's change to alice's task reaches alice's view too.
+    await client.patch(f"/tasks/{task['id']}", json={"status": "completed"}, headers=admin)
+    assert (await client.get(f"/tasks/{task['id']}", headers=alice)).json()["status"] == "completed"
+
+    second = await create(client, alice, title="second")
+    for headers in (alice, admin):
+        listed = (await client.get("/tasks", headers=headers)).json()
+        assert listed["total"] == 2
+        assert listed["items"][0]["id"] == second["id"]
+
+    assert (await client.delete(f"/tasks/{task['id']}", headers=admin)).status_code == 204
+    for headers in (alice, admin):
+        assert (await client.get(f"/tasks/{task['id']}", headers=headers)).status_code == 404
+        assert (await client.get("/tasks", headers=headers)).json()["total"] == 1
+
+
+async def test_cached_pages_never_cross_users(client: httpx.AsyncClient, oidc: OIDCProvider):
+    alice, bob = oidc.auth("alice"), oidc.auth("bob")
+    await create(client, alice, title="alice's")
+    await create(client, bob, title="bob's")
+    for _ in range(2):  # miss, then hit
+        for headers, title in ((alice, "alice's"), (bob, "bob's")):
+            body = (await client.get("/tasks", headers=headers)).json()
+            assert [item["title"] for item in body["items"]] == [title]
+    # An admin's page with the same parameters is the admin view, not a user's.
+    admin = (await client.get("/tasks", headers=oidc.auth("root", roles=["admin"]))).json()
+    assert admin["total"] == 2
+    filtered = await client.get(
+        "/tasks", params={"owner": "bob"}, headers=oidc.auth("root", roles=["admin"])
+    )
+    assert [item["title"] for item in filtered.json()["items"]] == ["bob's"]
+
+
+async def test_entries_expire_after_the_ttl(make_settings: SettingsFactory, oidc: OIDCProvider):
+    app = create_app(make_settings(cache={"ttl": 1}))
+    async with running(app) as client:
+        alice = oidc.auth(f"ttl-{uuid.uuid4()}")
+        assert (await client.get("/tasks", headers=alice)).json()["total"] == 0
+        # A change made behind the API's back is only seen once the entry expires.
+        async with app.state.engine.begin() as connection:
+            await connection.execute(
+                insert(Task).values(
+                    owner=alice_subject(alice, oidc), id=uuid.uuid4(), title="direct"
+                )
+            )
+        assert (await client.get("/tasks", headers=alice)).json()["total"] == 0
+        await asyncio.sleep(1.2)
+        assert (await client.get("/tasks", headers=alice)).json()["total"] == 1
+        async with app.state.engine.begin() as connection:
+            await connection.execute(text("TRUNCATE tasks"))
+
+
+def alice_subject(headers: dict[str, str], oidc: OIDCProvider) -> str:
+    import jwt
+
+    token = headers["Authorization"].split()[1]
+    return str(jwt.decode(token, options={"verify_signature": False})["sub"])
+
+
+async def test_concurrent_misses_load_once(client: httpx.AsyncClient, app: FastAPI, oidc):
+    alice = oidc.auth("alice")
+    await create(client, alice, title="x")
+    with task_queries(app) as statements:
+        responses = await asyncio.gather(*(client.get("/tasks", headers=alice) for _ in range(20)))
+    assert {r.status_code for r in responses} == {200}
+    assert len({r.content for r in responses}) == 1
+    assert len([s for s in statements if s.startswith("SELECT count(*)")]) == 1
+
+
+async def test_concurrent_misses_in_two_processes_load_once(
+    make_settings: SettingsFactory, oidc: OIDCProvider
+):
+    """Two app instances sharing Redis: the fill lock makes the second wait, not load."""
+    shared = {"key_prefix": f"test-{uuid.uuid4().hex}:"}
+    first = create_app(make_settings(redis=shared))
+    second = create_app(make_settings(redis=shared))
+    alice = oidc.auth(f"pair-{uuid.uuid4()}")
+    async with running(first) as one, running(second) as two:
+        await one.get("/tasks", headers=alice)  # warm the JWKS caches and pools
+        await two.get("/tasks", headers=alice)
+        await one.post("/tasks", json={"title": "x"}, headers=alice)  # new generation
+        with task_queries(first) as q1, task_queries(second) as q2:
+            a, b = await asyncio.gather(
+                one.get("/tasks", headers=alice), two.get("/tasks", headers=alice)
+            )
+        assert a.content == b.content
+        assert len([s for s in q1 + q2 if s.startswith("SELECT count(*)")]) == 1
+        async with first.state.engine.begin() as connection:
+            await connection.execute(text("TRUNCATE tasks"))
+
+
+@contextlib.asynccontextmanager
+async def app_on(
+    make_settings: SettingsFactory, url: str, **redis: Any
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    app = create_app(
+        make_settings(
+            redis={"url": url, **redis},
+            cache={"retry_interval": 0.5},
+            ratelimit={"retry_interval": 0.5},
+        )
+    )
+    async with running(app) as client:
+        yield app, client
+    async with app.state.engine.begin() as connection:
+        await connection.execute(text("TRUNCATE tasks"))
+
+
+async def test_redis_stopped_and_restarted(
+    make_settings: SettingsFactory, oidc: OIDCProvider, tmp_path: Path
+):
+    alice = oidc.auth("alice")
+    with private_redis(tmp_path / "redis") as server:
+        async with app_on(make_settings, server.url) as (_, client):
+            task = await create(client, alice, title="before")
+            await client.get("/tasks", headers=alice)
+
+            server.stop()
+            errors = sample("taskapp_cache_errors_total", operation="lookup")
+            started = time.monotonic()
+            assert (await client.get("/tasks", headers=alice)).json()["total"] == 1
+            patched = await client.patch(
+                f"/tasks/{task['id']}", json={"title": "during"}, headers=alice
+            )
+            assert patched.status_code == 200
+            during = await create(client, alice, title="during outage")
+            listed = (await client.get("/tasks", headers=alice)).json()
+            assert listed["total"] == 2
+            assert {item["title"] for item in listed["items"]} == {"during", "during outage"}
+            assert time.monotonic() - started < 2
+            assert sample("taskapp_cache_errors_total", operation="lookup") > errors
+
+            server.start()
+            await asyncio.sleep(0.6)  # past retry_interval
+            before = hits()
+            for _ in range(3):
+                got = await client.get(f"/tasks/{during['id']}", headers=alice)
+                assert got.json()["title"] == "during outage"
+            assert hits() >= before + 2  # caching resumed
+
+
+async def test_unresponsive_redis_does_not_slow_requests(
+    make_settings: SettingsFactory, oidc: OIDCProvider, tmp_path: Path
+):
+    """Redis accepts connections but answers nothing (frozen): requests pay at most the
+    cache timeout once, then bypass the cache."""
+    alice = oidc.auth("alice")
+    with private_redis(tmp_path / "redis") as server:
+        async with app_on(make_settings, server.url) as (_, client):
+            await create(client, alice, title="x")
+            await client.get("/tasks", headers=alice)
+            assert server.process is not None
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                timings = []
+                for _ in range(5):
+                    started = time.monotonic()
+                    response = await client.get("/tasks", headers=alice)
+                    timings.append(time.monotonic() - started)
+                    assert response.status_code == 200
+                    assert response.json()["total"] == 1
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            assert max(timings) < 0.6, timings  # the 0.2 s cache timeout, not a hang
+            assert sum(timings) < 1.0, timings  # bypassed after the first timeout
+
+
+async def test_invalidation_lost_during_an_outage_is_never_served_stale(
+    make_settings: SettingsFactory, oidc: OIDCProvider, tmp_path: Path
+):
+    """Redis freezes (keeping its data) just as a write commits: the generation bump is lost.
+    Once Redis answers again, no process may serve what was cached before that write."""
+    alice = oidc.auth("alice")
+    with private_redis(tmp_path / "redis") as server:
+        shared = {"key_prefix": f"test-{uuid.uuid4().hex}:"}
+        async with (
+            app_on(make_settings, server.url, **shared) as (writer, one),
+            app_on(make_settings, server.url, **shared) as (_, two),
+        ):
+            task = await create(one, alice, title="old")
+            for client in (one, two):  # both processes now hold "old" in the cache
+                assert (await client.get(f"/tasks/{task['id']}", headers=alice)).json()[
+                    "title"
+                ] == "old"
+
+            assert server.process is not None
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                patched = await one.patch(
+                    f"/tasks/{task['id']}", json={"title": "new"}, headers=alice
+                )
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            assert patched.status_code == 200
+
+            deadline = time.monotonic() + 5
+            while writer.state.cache._lost_invalidation:  # the epoch bump is retried
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            for client in (two, one):
+                got = await client.get(f"/tasks/{task['id']}", headers=alice)
+                assert got.json()["title"] == "new"
