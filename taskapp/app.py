@@ -127,10 +127,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
     install_error_handlers(app)
-    # Added last = outermost: the request id covers everything, then the body cap, then
-    # the rate limit (which authenticates) before any route or body parsing runs.
-    app.add_middleware(RateLimitMiddleware, settings=settings.ratelimit)
+    # Added last = outermost: the request id covers everything; the rate limit (which
+    # authenticates) comes before the body cap, so even a 413 is counted and carries the
+    # RateLimit-* headers; both run before any route or body parsing.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RateLimitMiddleware, settings=settings.ratelimit)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(health_router)
     app.include_router(tasks_router)

@@ -19,6 +19,7 @@ async def test_declared_oversize_body_is_413_without_reading_it(client, app, oid
     )
     assert response.status_code == 413
     assert response.json() == {"detail": "Request body too large"}
+    assert "RateLimit-Remaining" in response.headers  # counted like any other request
     assert await db_count(app) == 0
 
 
