@@ -48,7 +48,9 @@ local allow_at = new_tat - window
 if allow_at > now then
   return {0, 0, allow_at - now, tat - now}
 end
-redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(new_tat - now))
+-- max(1, ...): at rates beyond a few million per second the interval vanishes in the
+-- float precision of a ms timestamp; the bucket then never fills, which is right.
+redis.call('SET', KEYS[1], new_tat, 'PX', math.max(1, math.ceil(new_tat - now)))
 return {1, math.floor((now - allow_at) / interval), 0, new_tat - now}
 """
 
@@ -88,7 +90,7 @@ class RateLimiter:
         return Decision(
             allowed=bool(allowed),
             limit=rate.requests,
-            remaining=int(remaining),
+            remaining=min(int(remaining), rate.requests - 1) if allowed else 0,
             retry_after=float(retry_ms) / 1000,
             reset=float(reset_ms) / 1000,
         )

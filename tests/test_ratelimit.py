@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,12 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
+from redis.asyncio import Redis
 from sqlalchemy import event
 
 from taskapp.app import create_app
-from taskapp.config import RateLimitSettings
-from taskapp.ratelimit import client_ip
+from taskapp.config import Rate, RateLimitSettings
+from taskapp.ratelimit import RateLimiter, client_ip
 from tests.conftest import SettingsFactory
 from tests.fixtures.metrics import sample
 from tests.fixtures.oidc import OIDCProvider
@@ -249,3 +251,14 @@ async def test_openapi_documents_429(client: httpx.AsyncClient):
             for operation in operations.values():
                 headers = operation["responses"]["429"]["headers"]
                 assert {"Retry-After", "RateLimit-Limit", "RateLimit-Remaining"} <= set(headers)
+
+
+async def test_very_high_rates_work(redis_url: str):
+    """A rate whose interval is below a millisecond's float precision (here 0.1 µs)."""
+    limiter = RateLimiter(
+        Redis.from_url(redis_url), key_prefix=f"test-{uuid.uuid4().hex}:", timeout=1
+    )
+    for _ in range(3):
+        decision = await limiter.hit("user:x", Rate(10_000_000, 1))
+        assert decision.allowed
+        assert 0 <= decision.remaining < 10_000_000
