@@ -13,6 +13,7 @@ when oidc_provider/node_modules is missing.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -269,11 +270,22 @@ async def test_app_fetches_the_providers_discovery_document_and_jwks(
     assert published[kid].get("use", "sig") == "sig"
 
     jwks_path = httpx.URL(discovery["jwks_uri"]).path
+    # The provider reports requests on stdout, read by a thread: wait until our own JWKS
+    # fetch above is recorded, so it is not mistaken for the app's.
+    deadline = time.monotonic() + 5
+    while real_provider.served()[-1:] != [("GET", jwks_path, 200)]:
+        assert time.monotonic() < deadline, real_provider.served()
+        await asyncio.sleep(0.01)
     mark = len(real_provider.requests)
     async with taskapp_for(make_settings, real_provider) as (app, client):
         response = await client.get("/tasks", headers=bearer(token))
         assert response.status_code == 200, response.text
         # Only the app talked to the provider in between: discovery first, then the JWKS.
+        deadline = time.monotonic() + 5
+        while len(real_provider.served(mark)) < 2:
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.01)
         served = real_provider.served(mark)
         assert served == [
             ("GET", "/.well-known/openid-configuration", 200),
@@ -282,6 +294,7 @@ async def test_app_fetches_the_providers_discovery_document_and_jwks(
         # A second token is verified from the cache: no further fetches.
         response = await client.get("/tasks", headers=bearer(token))
         assert response.status_code == 200, response.text
+        await asyncio.sleep(0.2)  # time for any request to show up on the provider's stdout
         assert real_provider.served(mark)[2:] == []
         assert app.state.token_verifier.issuer == real_provider.issuer
 
