@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -19,62 +16,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from taskapp.auth.devkey import DEV_ISSUER, DEV_KEY_FILE, load_or_create_dev_key
-from tests.fixtures.services import scratch_database
-
-TASKAPP = str(Path(sys.executable).with_name("taskapp"))
-
-
-def _env(**values: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKAPP_")}
-    env.update(values)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def _server(
-    args: list[str], env: dict[str, str], port: int, cwd: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    log = (cwd / "server.log").open("wb")
-    process = subprocess.Popen(
-        [TASKAPP, *args, "--port", str(port)],
-        start_new_session=True,
-        env=env,
-        cwd=cwd,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert process.poll() is None, (cwd / "server.log").read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            pytest.fail("server did not become healthy:\n" + (cwd / "server.log").read_text())
-        yield process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+from tests.fixtures.processes import TASKAPP, clean_env, running_server
+from tests.fixtures.services import free_port, scratch_database
 
 
 def _token(data_dir: Path, *args: str) -> str:
     result = subprocess.run(
         [TASKAPP, "token", *args],
-        env=_env(TASKAPP_DATA_DIR=str(data_dir)),
+        env=clean_env(TASKAPP_DATA_DIR=str(data_dir)),
         capture_output=True,
         text=True,
         check=True,
@@ -100,7 +49,7 @@ def test_token_is_keycloak_shaped_and_signed_with_the_dev_key(tmp_path):
 def test_token_without_a_dev_key_says_to_start_run_first(tmp_path):
     result = subprocess.run(
         [TASKAPP, "token", "--sub", "alice", "--roles", "user"],
-        env=_env(TASKAPP_DATA_DIR=str(tmp_path)),
+        env=clean_env(TASKAPP_DATA_DIR=str(tmp_path)),
         capture_output=True,
         text=True,
     )
@@ -115,7 +64,7 @@ def test_token_refused_in_production(tmp_path):
     load_or_create_dev_key(tmp_path)
     result = subprocess.run(
         [TASKAPP, "token", "--sub", "alice", "--roles", "user"],
-        env=_env(TASKAPP_DATA_DIR=str(tmp_path), TASKAPP_ENV="production"),
+        env=clean_env(TASKAPP_DATA_DIR=str(tmp_path), TASKAPP_ENV="production"),
         capture_output=True,
         text=True,
     )
@@ -147,8 +96,8 @@ def test_token_refused_in_production(tmp_path):
 )
 def test_serve_refuses_to_start_without_an_issuer(tmp_path, env, message):
     result = subprocess.run(
-        [TASKAPP, "serve", "--port", str(_free_port())],
-        env=_env(TASKAPP_DATA_DIR=str(tmp_path), **env),
+        [TASKAPP, "serve", "--port", str(free_port())],
+        env=clean_env(TASKAPP_DATA_DIR=str(tmp_path), **env),
         capture_output=True,
         text=True,
         timeout=30,
@@ -160,8 +109,8 @@ def test_serve_refuses_to_start_without_an_issuer(tmp_path, env, message):
 def test_serve_uses_the_configured_provider_and_never_the_dev_key(
     tmp_path, database_url, redis_url, oidc
 ):
-    port = _free_port()
-    env = _env(
+    port = free_port()
+    env = clean_env(
         TASKAPP_DATA_DIR=str(tmp_path),
         TASKAPP_DATABASE_URL=database_url,
         TASKAPP_REDIS_URL=redis_url,
@@ -170,7 +119,7 @@ def test_serve_uses_the_configured_provider_and_never_the_dev_key(
     )
     load_or_create_dev_key(tmp_path)
     dev_token = _token(tmp_path, "--sub", "mallory", "--roles", "admin")
-    with _server(["serve", "--workers", "2"], env, port, tmp_path):
+    with running_server(["serve", "--workers", "2"], env, port, tmp_path):
         base = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{base}/tasks", headers=oidc.auth("alice")).status_code == 200
         refused = httpx.get(f"{base}/tasks", headers={"Authorization": f"Bearer {dev_token}"})
@@ -180,11 +129,11 @@ def test_serve_uses_the_configured_provider_and_never_the_dev_key(
 
 def test_run_serves_the_readme_session_on_embedded_services(tmp_path):
     """`taskapp run` with nothing configured: embedded PostgreSQL + Redis, dev tokens, data kept."""
-    port = _free_port()
+    port = free_port()
     data_dir = tmp_path / "data"
-    env = _env(TASKAPP_DATA_DIR=str(data_dir))
+    env = clean_env(TASKAPP_DATA_DIR=str(data_dir))
     base = f"http://127.0.0.1:{port}"
-    with _server(["run"], env, port, tmp_path):
+    with running_server(["run"], env, port, tmp_path):
         user = {"Authorization": f"Bearer {_token(data_dir, '--sub', 'alice', '--roles', 'user')}"}
         admin = {"Authorization": f"Bearer {_token(data_dir, '--sub', 'root', '--roles', 'admin')}"}
         created = httpx.post(f"{base}/tasks", json={"title": "Write report"}, headers=user)
@@ -201,18 +150,18 @@ def test_run_serves_the_readme_session_on_embedded_services(tmp_path):
         assert httpx.get(f"{base}/readyz").json()["checks"] == {"database": "ok", "redis": "ok"}
 
     assert (data_dir / "postgres" / "PG_VERSION").exists()
-    with _server(["run"], env, port, tmp_path):
+    with running_server(["run"], env, port, tmp_path):
         user = {"Authorization": f"Bearer {_token(data_dir, '--sub', 'alice', '--roles', 'user')}"}
         titles = [t["title"] for t in httpx.get(f"{base}/tasks", headers=user).json()["items"]]
         assert titles == ["Survives restarts"]
 
 
-def test_run_uses_the_services_named_in_dot_env(tmp_path, database_url, redis_url):
+def test_run_uses_the_services_named_in_dotclean_env(tmp_path, database_url, redis_url):
     (tmp_path / ".env").write_text(
         f"TASKAPP_DATABASE_URL={database_url}\nTASKAPP_REDIS_URL={redis_url}\n"
     )
-    port = _free_port()
-    with _server(["run"], _env(), port, tmp_path):
+    port = free_port()
+    with running_server(["run"], clean_env(), port, tmp_path):
         ready = httpx.get(f"http://127.0.0.1:{port}/readyz")
         assert ready.json()["checks"] == {"database": "ok", "redis": "ok"}
     assert not (tmp_path / ".taskapp" / "postgres").exists()
@@ -221,11 +170,11 @@ def test_run_uses_the_services_named_in_dot_env(tmp_path, database_url, redis_ur
 
 def test_run_refuses_a_second_instance_and_recovers_from_a_crash(tmp_path):
     data_dir = tmp_path / "data"
-    env = _env(TASKAPP_DATA_DIR=str(data_dir))
-    port = _free_port()
-    with _server(["run"], env, port, tmp_path) as first:
+    env = clean_env(TASKAPP_DATA_DIR=str(data_dir))
+    port = free_port()
+    with running_server(["run"], env, port, tmp_path) as first:
         second = subprocess.run(
-            [TASKAPP, "run", "--port", str(_free_port())],
+            [TASKAPP, "run", "--port", str(free_port())],
             env=env,
             cwd=tmp_path,
             capture_output=True,
@@ -240,7 +189,7 @@ def test_run_refuses_a_second_instance_and_recovers_from_a_crash(tmp_path):
         first.wait(timeout=10)
 
     postmaster = data_dir / "postgres" / "postmaster.pid"
-    with _server(["run"], env, port, tmp_path):
+    with running_server(["run"], env, port, tmp_path):
         user = {"Authorization": f"Bearer {_token(data_dir, '--sub', 'alice', '--roles', 'user')}"}
         assert httpx.get(f"http://127.0.0.1:{port}/tasks", headers=user).status_code == 200
     # A clean stop after the crash stops the embedded PostgreSQL again.
@@ -253,7 +202,7 @@ def test_run_refuses_a_second_instance_and_recovers_from_a_crash(tmp_path):
 def test_migrate_reports_an_unreachable_database_in_one_line(tmp_path):
     result = subprocess.run(
         [TASKAPP, "migrate"],
-        env=_env(TASKAPP_DATABASE_URL="postgresql://nobody@127.0.0.1:9/none"),
+        env=clean_env(TASKAPP_DATABASE_URL="postgresql://nobody@127.0.0.1:9/none"),
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -266,7 +215,7 @@ def test_migrate_reports_an_unreachable_database_in_one_line(tmp_path):
 
 def test_migrate_brings_an_empty_database_to_head(tmp_path, postgres_admin_url):
     with scratch_database(postgres_admin_url, prefix="taskapp_cli") as url:
-        env = _env(TASKAPP_DATABASE_URL=url)
+        env = clean_env(TASKAPP_DATABASE_URL=url)
         for _ in range(2):  # a second run finds nothing to do
             result = subprocess.run(
                 [TASKAPP, "migrate"], env=env, cwd=tmp_path, capture_output=True, text=True

@@ -5,7 +5,6 @@ leaks between users, and the rate limits are one budget across every process."""
 from __future__ import annotations
 
 import contextlib
-import signal
 import subprocess
 import time
 import uuid
@@ -21,7 +20,8 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from tests.fixtures.oidc import OIDCProvider
-from tests.test_cli import TASKAPP, _env, _free_port
+from tests.fixtures.processes import clean_env, start, stop, wait_healthy
+from tests.fixtures.services import free_port
 
 NOT_FOUND = {"detail": "Task not found"}
 USER_LIMIT = 10
@@ -47,56 +47,27 @@ class Cluster:
         return self.a, self.b
 
 
-def _wait_healthy(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    pytest.fail("server did not become healthy:\n" + log.read_text())
-
-
 @contextlib.contextmanager
 def _cluster(tmp: Path, **settings: str) -> Iterator[Cluster]:
     """Start both instances at once (each its own process group and log), stop both after."""
     prefix = f"test-{uuid.uuid4().hex}:"
-    env = _env(TASKAPP_ENV="test", TASKAPP_REDIS_KEY_PREFIX=prefix, **settings)
+    env = clean_env(TASKAPP_ENV="test", TASKAPP_REDIS_KEY_PREFIX=prefix, **settings)
     started: list[tuple[subprocess.Popen[bytes], int, Path]] = []
     with contextlib.ExitStack() as stack:
-        for name in ("a", "b"):
+        for name in ("a", "b"):  # both start at once, then both must become healthy
             directory = tmp / name
             directory.mkdir()
-            log = directory / "server.log"
-            port = _free_port()
-            process = subprocess.Popen(
-                [TASKAPP, "serve", "--workers", "2", "--host", "127.0.0.1", "--port", str(port)],
-                start_new_session=True,
-                env=env,
-                cwd=directory,
-                stdout=stack.enter_context(log.open("wb")),
-                stderr=subprocess.STDOUT,
-            )
-            stack.callback(_stop, process)
-            started.append((process, port, log))
-        for process, port, log in started:
-            _wait_healthy(process, port, log)
+            port = free_port()
+            args = ["serve", "--workers", "2", "--host", "127.0.0.1", "--port", str(port)]
+            process = start(args, env, directory)
+            stack.callback(stop, process)
+            started.append((process, port, directory))
+        for process, port, directory in started:
+            wait_healthy(process, port, directory)
         a, b = (
             Instance(n, f"http://127.0.0.1:{p}") for n, (_, p, _) in zip("AB", started, strict=True)
         )
         yield Cluster(a, b, prefix)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
 
 
 def _services(database_url: str, redis_url: str, oidc: OIDCProvider) -> dict[str, str]:
