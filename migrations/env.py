@@ -13,6 +13,7 @@ from sqlalchemy.pool import NullPool
 
 from taskapp.config import DatabaseSettings
 from taskapp.db import Base
+from taskapp.notifications import models as notification_models  # noqa: F401 - registers the table
 from taskapp.tasks import models as task_models
 
 config = context.config

@@ -19,6 +19,8 @@ from taskapp.cache import ResponseCache
 from taskapp.config import Settings, get_settings
 from taskapp.db import create_engine, create_session_factory
 from taskapp.errors import error_responses, install_error_handlers
+from taskapp.notifications.celery_app import create_celery
+from taskapp.notifications.outbox import Outbox
 from taskapp.observability.health import router as health_router
 from taskapp.observability.logging import configure_logging
 from taskapp.observability.requestid import RequestIdMiddleware
@@ -65,6 +67,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.rate_limiter = RateLimiter(
         redis, key_prefix=settings.redis.key_prefix, timeout=settings.ratelimit.timeout
     )
+    celery = create_celery(settings) if settings.notifications.enabled else None
+    app.state.outbox = outbox = Outbox(celery, enabled=settings.notifications.enabled)
     app.state.cache = cache = ResponseCache(
         redis, settings.cache, key_prefix=settings.redis.key_prefix
     )
@@ -74,6 +78,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await outbox.aclose()
+        if celery is not None:
+            celery.close()
         await cache.aclose()
         await keys.aclose()
         await http.aclose()

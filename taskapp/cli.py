@@ -1,10 +1,12 @@
-"""The `taskapp` command: run | serve | migrate | token."""
+"""The `taskapp` command: run | serve | worker | beat | migrate | token."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import socket
+import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -58,6 +60,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     """Development mode: embedded PostgreSQL/Redis unless configured, dev tokens, migrations."""
     from taskapp.auth.devkey import load_or_create_dev_key
     from taskapp.embedded import data_dir_lock, embedded_postgres, embedded_redis
+    from taskapp.notifications.mailsink import start_mail_sink
 
     settings = _settings()
     if settings.is_production:
@@ -88,8 +91,35 @@ def cmd_run(args: argparse.Namespace) -> None:
                 flush=True,
             )
         _migrate(database_url)
+        if settings.smtp.url is None:
+            mail_dir = data_dir / "mail"
+            port = _free_port()
+            sink = start_mail_sink(mail_dir, port)
+            stack.callback(sink.stop)
+            os.environ["TASKAPP_SMTP_URL"] = f"smtp://127.0.0.1:{port}"
+            print(f"Mail: captured as .eml files in {mail_dir}", flush=True)
+        if settings.notifications.enabled:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "taskapp.cli", "worker", "--concurrency", "1"]
+            )
+            stack.callback(_stop_process, worker)
         print(f"Serving taskapp on http://{args.host}:{args.port} (docs at /docs)", flush=True)
         _serve(args.host, args.port, args.workers, settings.log_level)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()  # Celery's warm shutdown: running jobs finish first
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -108,6 +138,50 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if missing:
         sys.exit(f"taskapp serve needs {', '.join(missing)} (or use `taskapp run` for development)")
     _serve(args.host, args.port, args.workers, settings.log_level)
+
+
+def _worker_settings() -> Settings:
+    settings = _settings()
+    missing = [
+        name
+        for name, value in (
+            ("TASKAPP_DATABASE_URL", settings.database.url),
+            ("TASKAPP_BROKER_URL or TASKAPP_REDIS_URL", settings.celery_broker_url),
+            ("TASKAPP_SMTP_URL", settings.smtp.url),
+        )
+        if value is None
+    ]
+    if missing:
+        sys.exit(f"taskapp worker needs {', '.join(missing)}")
+    return settings
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    """Celery worker that sends notification e-mails, with the outbox sweep (beat) inside."""
+    settings = _worker_settings()
+    from taskapp.notifications.jobs import celery
+
+    argv = [
+        "worker",
+        f"--loglevel={settings.log_level}",
+        f"--concurrency={args.concurrency}",
+        f"--pool={args.pool}",
+        f"--queues={settings.notifications.queue}",
+    ]
+    if not args.no_beat:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        argv += ["--beat", f"--schedule={settings.data_dir.resolve() / 'celerybeat-schedule'}"]
+    celery.worker_main(argv)
+
+
+def cmd_beat(args: argparse.Namespace) -> None:
+    """Only the outbox sweep scheduler, for deployments that run beat on its own (once)."""
+    settings = _worker_settings()
+    from taskapp.notifications.jobs import celery
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    schedule = settings.data_dir.resolve() / "celerybeat-schedule"
+    celery.start(["beat", f"--loglevel={settings.log_level}", f"--schedule={schedule}"])
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
@@ -165,6 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     serve.set_defaults(func=cmd_serve)
+
+    worker = commands.add_parser("worker", help=cmd_worker.__doc__)
+    worker.add_argument("--concurrency", type=int, default=2)
+    worker.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
+    worker.add_argument("--no-beat", action="store_true", help="run beat separately")
+    worker.set_defaults(func=cmd_worker)
+
+    beat = commands.add_parser("beat", help=cmd_beat.__doc__)
+    beat.set_defaults(func=cmd_beat)
 
     migrate = commands.add_parser("migrate", help=cmd_migrate.__doc__)
     migrate.set_defaults(func=cmd_migrate)

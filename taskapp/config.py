@@ -202,6 +202,46 @@ class RateLimitSettings(BaseSettings):
         return [ipaddress.ip_network(p, strict=False) for p in parts if p]
 
 
+class SMTPSettings(BaseSettings):
+    """`TASKAPP_SMTP_*`: the mail server that notifications go through."""
+
+    model_config = _group("TASKAPP_SMTP_")
+
+    # smtp://[user:password@]host[:port] (STARTTLS when TASKAPP_SMTP_STARTTLS is set) or
+    # smtps://... (TLS from the first byte). Unset: notifications stay pending.
+    url: SecretStr | None = None
+    starttls: bool = False
+    username: str | None = None
+    password: SecretStr | None = None
+    from_address: str = "taskapp <noreply@taskapp.localhost>"
+    timeout: Annotated[float, Field(gt=0, le=120)] = 10.0
+
+    @field_validator("url")
+    @classmethod
+    def _smtp_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not re.match(r"^smtps?://[^/]+", value.get_secret_value()):
+            raise ValueError("must be an smtp:// or smtps:// URL such as smtp://mail:25")
+        return value
+
+
+class NotificationSettings(BaseSettings):
+    """`TASKAPP_NOTIFICATIONS_*`: delivery of the e-mail sent when a task is created."""
+
+    model_config = _group("TASKAPP_NOTIFICATIONS_")
+
+    # Off: no e-mail is recorded or sent when tasks are created.
+    enabled: bool = True
+    # The broker queue of the jobs, so deployments can share one broker.
+    queue: Annotated[str, Field(min_length=1, max_length=100)] = "taskapp"
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 8
+    # Retry n waits about backoff * 2**(n-1) seconds (capped, with jitter).
+    backoff: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    backoff_max: Annotated[float, Field(gt=0, le=86_400)] = 600.0
+    # The sweep re-enqueues rows still pending this long after they were due.
+    grace: Annotated[float, Field(ge=0, le=86_400)] = 30.0
+    sweep_interval: Annotated[float, Field(gt=0, le=3600)] = 15.0
+
+
 class Settings(BaseSettings):
     """All configuration of taskapp. Validated once at start-up."""
 
@@ -222,12 +262,25 @@ class Settings(BaseSettings):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     oidc: OIDCSettings = Field(default_factory=OIDCSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    smtp: SMTPSettings = Field(default_factory=SMTPSettings)
+    notifications: NotificationSettings = Field(default_factory=NotificationSettings)
+    # Celery's broker; default: the Redis of TASKAPP_REDIS_URL. amqp:// (RabbitMQ) works too.
+    broker_url: SecretStr | None = None
     # Not "rate_limit": TASKAPP_RATE_LIMIT is the per-user rate inside this group.
     ratelimit: RateLimitSettings = Field(default_factory=RateLimitSettings)
 
     @property
     def is_production(self) -> bool:
         return self.env is Environment.PRODUCTION
+
+    @property
+    def celery_broker_url(self) -> str | None:
+        """The broker in kombu's spelling (a unix:// Redis socket is redis+socket://)."""
+        url = self.broker_url or self.redis.url
+        if url is None:
+            return None
+        value = url.get_secret_value()
+        return "redis+socket://" + value[len("unix://") :] if value.startswith("unix://") else value
 
     @model_validator(mode="after")
     def _production_is_strict(self) -> Self:

@@ -17,6 +17,7 @@ from sqlalchemy import text
 from taskapp.app import create_app
 from taskapp.config import (
     DatabaseSettings,
+    NotificationSettings,
     OIDCSettings,
     RateLimitSettings,
     RedisSettings,
@@ -70,6 +71,7 @@ def make_settings(database_url: str, redis_url: str, oidc: OIDCProvider) -> Sett
         redis: dict[str, Any] | None = None,
         oidc_: dict[str, Any] | None = None,
         ratelimit: dict[str, Any] | None = None,
+        notifications: dict[str, Any] | None = None,
         **top: Any,
     ) -> Settings:
         return Settings(
@@ -86,6 +88,10 @@ def make_settings(database_url: str, redis_url: str, oidc: OIDCProvider) -> Sett
                 **{"url": redis_url, "key_prefix": f"test-{uuid.uuid4().hex}:", **(redis or {})},
             ),
             oidc=OIDCSettings(_env_file=None, **{"issuer": oidc.issuer, **(oidc_ or {})}),
+            # No e-mail unless a test is about it (those bring a broker and a worker).
+            notifications=NotificationSettings(
+                _env_file=None, **{"enabled": False, **(notifications or {})}
+            ),
             # Limits out of the way unless a test is about them.
             ratelimit=RateLimitSettings(
                 _env_file=None,

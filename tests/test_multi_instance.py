@@ -51,7 +51,12 @@ class Cluster:
 def _cluster(tmp: Path, **settings: str) -> Iterator[Cluster]:
     """Start both instances at once (each its own process group and log), stop both after."""
     prefix = f"test-{uuid.uuid4().hex}:"
-    env = clean_env(TASKAPP_ENV="test", TASKAPP_REDIS_KEY_PREFIX=prefix, **settings)
+    env = clean_env(
+        TASKAPP_ENV="test",
+        TASKAPP_REDIS_KEY_PREFIX=prefix,
+        TASKAPP_NOTIFICATIONS_ENABLED="false",  # no broker consumer here
+        **settings,
+    )
     started: list[tuple[subprocess.Popen[bytes], int, Path]] = []
     with contextlib.ExitStack() as stack:
         for name in ("a", "b"):  # both start at once, then both must become healthy

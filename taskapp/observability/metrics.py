@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 CACHE_REQUESTS = Counter(
     "taskapp_cache_requests",
@@ -22,4 +22,13 @@ RATE_LIMIT_DECISIONS = Counter(
 RATE_LIMIT_ERRORS = Counter(
     "taskapp_rate_limit_errors",
     "Redis failures of the rate limiter; requests then pass (fail open) or get 503",
+)
+NOTIFICATIONS = Counter(
+    "taskapp_notifications",
+    "Notification e-mails by outcome: sent, failed (gave up), retried, skipped (no address)",
+    ["outcome"],
+)
+OUTBOX_PENDING = Gauge(
+    "taskapp_outbox_pending",
+    "Notifications waiting to be sent, as counted by the last outbox sweep",
 )

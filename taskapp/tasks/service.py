@@ -11,6 +11,7 @@ from taskapp.auth.principal import Principal
 from taskapp.cache import ResponseCache
 from taskapp.db import SessionDep, after_commit
 from taskapp.errors import ForbiddenError, NotFoundError
+from taskapp.notifications.outbox import Outbox
 from taskapp.tasks.models import Task, TaskStatus
 from taskapp.tasks.repository import TaskRepository
 from taskapp.tasks.schemas import TaskCreate, TaskPage, TaskRead, TaskUpdate
@@ -40,9 +41,10 @@ def _json(task: Task) -> bytes:
 class TaskService:
     """Reads return serialized JSON so a cache hit skips the database and the models."""
 
-    def __init__(self, repository: TaskRepository, cache: ResponseCache) -> None:
+    def __init__(self, repository: TaskRepository, cache: ResponseCache, outbox: Outbox) -> None:
         self.repository = repository
         self.cache = cache
+        self.outbox = outbox
 
     async def create(self, principal: Principal, data: TaskCreate) -> Task:
         task = Task(
@@ -53,6 +55,16 @@ class TaskService:
             status=data.status.value,
         )
         task = await self.repository.add(task)
+        # Same transaction: the e-mail exists exactly when the task does.
+        await self.outbox.task_created(
+            self.repository.session,
+            task_id=task.id,
+            owner=task.owner,
+            email=principal.email,
+            title=task.title,
+            description=task.description,
+            status=task.status,
+        )
         self._invalidate_after_commit(task.owner)
         return task
 
@@ -119,7 +131,8 @@ class TaskService:
 
 
 def get_task_service(session: SessionDep, request: Request) -> TaskService:
-    return TaskService(TaskRepository(session), request.app.state.cache)
+    state = request.app.state
+    return TaskService(TaskRepository(session), state.cache, state.outbox)
 
 
 TaskServiceDep = Annotated[TaskService, Depends(get_task_service)]

@@ -1,0 +1,1 @@
+"""E-mail notifications: a transactional outbox relayed through Celery to SMTP."""

@@ -1,0 +1,43 @@
+"""The Celery application, configured for at-least-once delivery of outbox jobs."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from taskapp.config import Settings
+
+SEND_JOB = "taskapp.send_notification"
+SWEEP_JOB = "taskapp.sweep_outbox"
+
+
+def create_celery(settings: Settings) -> Celery:
+    app = Celery("taskapp", broker=settings.celery_broker_url, set_as_current=False)
+    app.conf.update(
+        # A job is acknowledged only when it finished; a worker that dies mid-job leaves it
+        # to be delivered again (the job itself makes a second delivery send nothing).
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_default_queue=settings.notifications.queue,
+        task_serializer="json",
+        accept_content=["json"],
+        timezone="UTC",
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=2,
+        # Redis transport: fail fast when the broker is down (the outbox keeps the job),
+        # and redeliver an unacknowledged job after an hour at the latest.
+        broker_transport_options={
+            "visibility_timeout": 3600,
+            "socket_connect_timeout": 2,
+            "socket_timeout": 5,
+        },
+        worker_hijack_root_logger=False,
+        beat_schedule={
+            "sweep-outbox": {
+                "task": SWEEP_JOB,
+                "schedule": settings.notifications.sweep_interval,
+            }
+        },
+    )
+    return app

@@ -1,0 +1,148 @@
+"""Celery jobs: send one notification (exactly once per row), and sweep the outbox.
+
+Run by `taskapp worker` (worker with beat) or `taskapp beat`. Workers use a synchronous
+PostgreSQL driver: Celery jobs are synchronous code.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import smtplib
+import uuid
+from datetime import timedelta
+from functools import cache
+from typing import Any
+
+from celery import Task
+from celery.signals import worker_process_init
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from taskapp.config import get_settings
+from taskapp.notifications import mail
+from taskapp.notifications.celery_app import SEND_JOB, SWEEP_JOB, create_celery
+from taskapp.notifications.models import Notification, NotificationStatus
+from taskapp.observability.metrics import NOTIFICATIONS, OUTBOX_PENDING
+
+logger = logging.getLogger(__name__)
+
+settings = get_settings()
+celery = create_celery(settings)
+
+SWEEP_BATCH = 500
+PENDING = NotificationStatus.PENDING.value
+
+
+@cache
+def _sessions() -> sessionmaker[Session]:
+    assert settings.database.url is not None
+    url = settings.database.url.get_secret_value().replace("+asyncpg", "+psycopg", 1)
+    engine = create_engine(
+        url,
+        pool_size=2,
+        max_overflow=2,
+        pool_pre_ping=True,
+        connect_args={"connect_timeout": int(settings.database.connect_timeout)},
+    )
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@worker_process_init.connect
+def _forget_inherited_pool(**_: Any) -> None:
+    # A forked pool process must not share its parent's connections.
+    _sessions.cache_clear()
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential backoff with jitter: about backoff * 2**(attempt-1), capped."""
+    config = settings.notifications
+    ceiling = min(config.backoff_max, config.backoff * 2 ** (attempt - 1))
+    return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not secrecy
+
+
+def deliver(notification_id: uuid.UUID) -> tuple[str, float]:
+    """Send the notification if it is still pending and due; (outcome, retry delay).
+
+    The row is claimed with a row lock (SKIP LOCKED, so a concurrent duplicate job moves
+    on) and marked sent in the same transaction, so a row already sent is never sent again.
+    """
+    with _sessions()() as session, session.begin():
+        row = session.scalars(
+            select(Notification)
+            .where(
+                Notification.id == notification_id,
+                Notification.status == PENDING,
+                Notification.next_attempt_at <= func.now(),
+            )
+            .with_for_update(skip_locked=True)
+        ).one_or_none()
+        if row is None:
+            return "nothing to do", 0.0  # sent, failed, skipped, not due, or being sent
+        try:
+            mail.send(mail.render(row, settings.smtp.from_address), settings.smtp)
+        except (smtplib.SMTPException, OSError) as exc:
+            row.attempts += 1
+            row.last_error = f"{type(exc).__name__}: {exc}"[:2000]
+            if mail.is_permanent(exc) or row.attempts >= settings.notifications.max_attempts:
+                row.status = NotificationStatus.FAILED.value
+                NOTIFICATIONS.labels("failed").inc()
+                logger.error(
+                    "notification %s failed after %d attempts: %s",
+                    row.id,
+                    row.attempts,
+                    row.last_error,
+                )
+                return "failed", 0.0
+            delay = _backoff(row.attempts)
+            row.next_attempt_at = func.now() + timedelta(seconds=delay)
+            NOTIFICATIONS.labels("retried").inc()
+            logger.warning(
+                "notification %s: attempt %d failed (%s); retrying in %.0fs",
+                row.id,
+                row.attempts,
+                row.last_error,
+                delay,
+            )
+            return "retry", delay
+        row.attempts += 1
+        row.status = NotificationStatus.SENT.value
+        row.sent_at = func.now()
+        NOTIFICATIONS.labels("sent").inc()
+        return "sent", 0.0
+
+
+@celery.task(bind=True, name=SEND_JOB, max_retries=None)
+def send_notification(self: Task[Any, Any], notification_id: str) -> str:
+    outcome, delay = deliver(uuid.UUID(notification_id))
+    if outcome == "retry":
+        # After the commit above: the row already says when it is due again.
+        raise self.retry(countdown=delay + 0.5)
+    return outcome
+
+
+@celery.task(name=SWEEP_JOB)
+def sweep_outbox() -> int:
+    """Re-enqueue notifications still pending a grace period after they were due (their
+    job was never published, or was lost with a worker); report the backlog."""
+    grace = timedelta(seconds=settings.notifications.grace)
+    with _sessions()() as session:
+        OUTBOX_PENDING.set(
+            session.scalar(
+                select(func.count()).select_from(Notification).where(Notification.status == PENDING)
+            )
+            or 0
+        )
+        due = session.scalars(
+            select(Notification.id)
+            .where(
+                Notification.status == PENDING, Notification.next_attempt_at <= func.now() - grace
+            )
+            .order_by(Notification.next_attempt_at)
+            .limit(SWEEP_BATCH)
+        ).all()
+    for notification_id in due:
+        send_notification.apply_async(args=(str(notification_id),))
+    if due:
+        logger.info("outbox sweep re-enqueued %d notifications", len(due))
+    return len(due)
