@@ -1,0 +1,146 @@
+"""The API side of notifications: the outbox row, recipients, rendering of the message."""
+
+from __future__ import annotations
+
+import uuid
+from email.message import EmailMessage
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from taskapp.app import create_app
+from taskapp.notifications.mail import message_id, render
+from taskapp.notifications.models import Notification
+from tests.conftest import SettingsFactory, running
+from tests.fixtures.metrics import sample
+from tests.fixtures.oidc import OIDCProvider
+
+
+async def _notifications(app: FastAPI) -> list[dict[str, Any]]:
+    async with app.state.engine.connect() as connection:
+        rows = await connection.execute(text("SELECT * FROM notifications ORDER BY created_at"))
+        return [dict(row) for row in rows.mappings()]
+
+
+async def _clean(app: FastAPI) -> None:
+    async with app.state.engine.begin() as connection:
+        await connection.execute(text("TRUNCATE tasks, notifications"))
+
+
+@pytest.fixture
+async def notifying(make_settings: SettingsFactory) -> Any:
+    # Enabled, but with no reachable broker: rows are recorded, publishing fails quietly.
+    app = create_app(
+        make_settings(
+            notifications={"enabled": True, "queue": f"test-{uuid.uuid4().hex}"},
+            broker_url="redis://127.0.0.1:9/0",
+        )
+    )
+    async with running(app) as client:
+        yield app, client
+        await _clean(app)
+
+
+async def test_creating_a_task_records_one_pending_notification(
+    notifying: tuple[FastAPI, httpx.AsyncClient], oidc: OIDCProvider
+):
+    app, client = notifying
+    created = await client.post(
+        "/tasks",
+        json={"title": "Write report", "description": "Q3", "status": "in_progress"},
+        headers=oidc.auth("alice"),
+    )
+    assert created.status_code == 201
+    [row] = await _notifications(app)
+    assert row["task_id"] == uuid.UUID(created.json()["id"])
+    assert row["owner"] == "alice"
+    assert row["recipient"] == "alice@example.com"
+    assert row["status"] == "pending"
+    assert row["kind"] == "task_created"
+    assert row["payload"] == {"title": "Write report", "description": "Q3", "status": "in_progress"}
+
+
+@pytest.mark.parametrize(
+    "email",
+    [None, "", "not-an-address", "a@b", "x@y.z,evil@example.com", "a\r\nbcc: evil@x.y@z.com"],
+)
+async def test_no_usable_address_is_recorded_as_skipped(
+    notifying: tuple[FastAPI, httpx.AsyncClient], oidc: OIDCProvider, email: str | None
+):
+    app, client = notifying
+    skipped = sample("taskapp_notifications_total", outcome="skipped")
+    response = await client.post(
+        "/tasks", json={"title": "x"}, headers=oidc.auth("carol", email=email)
+    )
+    assert response.status_code == 201
+    [row] = await _notifications(app)
+    assert row["status"] == "skipped"
+    assert row["recipient"] is None
+    assert sample("taskapp_notifications_total", outcome="skipped") == skipped + 1
+
+
+async def test_disabled_notifications_record_nothing(client: httpx.AsyncClient, app: FastAPI, oidc):
+    assert (
+        await client.post("/tasks", json={"title": "x"}, headers=oidc.auth())
+    ).status_code == 201
+    assert await _notifications(app) == []
+
+
+async def test_rejected_task_records_no_notification(
+    notifying: tuple[FastAPI, httpx.AsyncClient], oidc: OIDCProvider
+):
+    app, client = notifying
+    response = await client.post("/tasks", json={"title": ""}, headers=oidc.auth("alice"))
+    assert response.status_code == 422
+    assert await _notifications(app) == []
+
+
+def _notification(**payload: Any) -> Notification:
+    return Notification(
+        id=uuid.UUID("8f1b56cf-0911-4071-b993-f590ce9236e1"),
+        kind="task_created",
+        task_id=uuid.UUID("e927cebe-7450-4406-9c84-8c0a8582aff6"),
+        owner="alice",
+        recipient="alice@example.com",
+        payload={"title": "Write report", "description": "Q3 <numbers>", "status": "in_progress"}
+        | payload,
+    )
+
+
+def _body(message: EmailMessage, subtype: str) -> str:
+    part = message.get_body((subtype,))
+    assert part is not None
+    return str(part.get_content())
+
+
+def test_message_carries_the_task_and_a_stable_message_id():
+    message = render(_notification(), "taskapp <noreply@example.com>")
+    assert message["Subject"] == "New task: Write report"
+    assert message["To"] == "alice@example.com"
+    assert message["From"] == "taskapp <noreply@example.com>"
+    assert message["Message-ID"] == "<8f1b56cf-0911-4071-b993-f590ce9236e1@taskapp>"
+    assert message_id(_notification()) == message["Message-ID"]
+    plain = _body(message, "plain")
+    rich = _body(message, "html")
+    for part in (plain, rich):
+        assert "Write report" in part
+        assert "in progress" in part
+        assert "e927cebe-7450-4406-9c84-8c0a8582aff6" in part
+    assert "Q3 <numbers>" in plain
+    assert "Q3 &lt;numbers&gt;" in rich  # user text is escaped in HTML
+
+
+def test_a_title_cannot_inject_headers():
+    message = render(_notification(title="Hi\r\nBcc: evil@example.com"), "taskapp <n@example.com>")
+    assert "\n" not in message["Subject"]
+    assert "\r" not in message["Subject"]
+    assert message["Bcc"] is None
+    assert b"\r\nBcc:" not in message.as_bytes()
+
+
+def test_missing_description_reads_none():
+    plain = _body(render(_notification(description=None), "n@example.com"), "plain")
+    assert "Description: (none)" in plain
