@@ -20,6 +20,16 @@ from tests.fixtures.processes import TASKAPP, clean_env, running_server
 from tests.fixtures.services import free_port, scratch_database
 
 
+def _wait_for_files(directory: Path, count: int, timeout: float = 20) -> list[Path]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        files = sorted(directory.glob("*.eml")) if directory.exists() else []
+        if len(files) >= count:
+            return files
+        time.sleep(0.1)
+    pytest.fail(f"no {count} .eml files in {directory} after {timeout}s")
+
+
 def _token(data_dir: Path, *args: str) -> str:
     result = subprocess.run(
         [TASKAPP, "token", *args],
@@ -134,10 +144,17 @@ def test_run_serves_the_readme_session_on_embedded_services(tmp_path):
     env = clean_env(TASKAPP_DATA_DIR=str(data_dir))
     base = f"http://127.0.0.1:{port}"
     with running_server(["run"], env, port, tmp_path):
-        user = {"Authorization": f"Bearer {_token(data_dir, '--sub', 'alice', '--roles', 'user')}"}
+        alice = _token(
+            data_dir, "--sub", "alice", "--roles", "user", "--email", "alice@example.com"
+        )
+        user = {"Authorization": f"Bearer {alice}"}
         admin = {"Authorization": f"Bearer {_token(data_dir, '--sub', 'root', '--roles', 'admin')}"}
         created = httpx.post(f"{base}/tasks", json={"title": "Write report"}, headers=user)
         assert created.status_code == 201
+        # The notification reaches the local mail sink as an .eml file a person can open.
+        mail = _wait_for_files(data_dir / "mail", 1)
+        assert b"Subject: New task: Write report" in mail[0].read_bytes()
+        assert b"To: alice@example.com" in mail[0].read_bytes()
         task_id = created.json()["id"]
         kept = httpx.post(f"{base}/tasks", json={"title": "Survives restarts"}, headers=user)
         assert kept.status_code == 201
@@ -232,3 +249,18 @@ def test_migrate_brings_an_empty_database_to_head(tmp_path, postgres_admin_url):
             text=True,
         )
         assert check.returncode == 0, check.stderr
+
+
+def test_worker_refuses_to_start_without_a_mail_server(tmp_path):
+    result = subprocess.run(
+        [TASKAPP, "worker"],
+        env=clean_env(
+            TASKAPP_DATABASE_URL="postgresql://x@127.0.0.1/x", TASKAPP_REDIS_URL="redis://127.0.0.1"
+        ),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "taskapp worker needs TASKAPP_SMTP_URL" in result.stderr
