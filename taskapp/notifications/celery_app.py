@@ -17,6 +17,9 @@ def create_celery(settings: Settings) -> Celery:
         # to be delivered again (the job itself makes a second delivery send nothing).
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # On a lost broker connection, running jobs are cancelled and redelivered later
+        # (Celery 6's default); the jobs are safe to run twice.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_prefetch_multiplier=1,
         task_ignore_result=True,
         task_default_queue=settings.notifications.queue,

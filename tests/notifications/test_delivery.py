@@ -1,0 +1,190 @@
+"""End to end: POST /tasks → outbox row → Celery (a real `taskapp worker`, a real Redis
+broker) → a real SMTP server. Every test ends with exactly one message per task that has a
+recipient, or with none, and waits a little longer than needed to catch a second one."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from taskapp.notifications.celery_app import SEND_JOB, create_celery
+from tests.notifications.conftest import Delivery, Row, assert_delivered
+from tests.notifications.harness import eventually
+
+# After the expected outcome, wait this long more: a duplicate (or a late attempt) would
+# come by then, as the sweep runs every second with a grace of one second.
+SETTLE = 2.5
+
+
+async def _settled_one_message(delivery: Delivery, task_id: uuid.UUID, title: str) -> Row:
+    """Wait for the task's message, then a while longer; exactly that one message."""
+    await delivery.wait_messages(1)
+    await asyncio.sleep(SETTLE)
+    row = await delivery.row(task_id)
+    assert row.status == "sent", row
+    assert len(delivery.mail.messages) == 1, [m.message["Subject"] for m in delivery.mail.messages]
+    assert_delivered(delivery.message_for(row), row, title)
+    return row
+
+
+async def _attempted(delivery: Delivery, task_id: uuid.UUID, attempts: int) -> Row:
+    """Wait until the worker has failed `attempts` times to send (the row still pending)."""
+
+    async def failed_enough() -> bool:
+        return (await delivery.row(task_id)).attempts >= attempts
+
+    await eventually(failed_enough, f"{attempts} failed attempts")
+    return await delivery.row(task_id)
+
+
+async def test_a_created_task_is_mailed_to_its_creator_once(delivery: Delivery) -> None:
+    delivery.mail.start()
+    delivery.start_worker()
+
+    task_id, _ = await delivery.create("Write the report")
+    took = await delivery.wait_messages(1)
+
+    assert took < 5
+    row = await _settled_one_message(delivery, task_id, "Write the report")
+    assert row.attempts == 1
+    assert row.recipient == "alice@example.com"
+
+
+async def test_mail_server_down_at_first_is_retried_until_it_is_up(delivery: Delivery) -> None:
+    delivery.start_worker()  # and nothing listens on the SMTP port yet
+
+    task_id, _ = await delivery.create("Call the bank")
+    failing = await _attempted(delivery, task_id, 2)
+
+    assert failing.status == "pending"
+    assert "refused" in (failing.last_error or "").lower(), failing
+    assert delivery.mail.messages == []
+
+    delivery.mail.start()
+    row = await _settled_one_message(delivery, task_id, "Call the bank")
+    assert row.attempts > failing.attempts
+
+
+async def test_broker_down_during_the_post_loses_nothing(delivery: Delivery) -> None:
+    delivery.mail.start()
+    delivery.start_worker()
+
+    delivery.broker.stop()
+    task_id, took = await delivery.create("Renew the passport")
+
+    assert took < 1
+    await asyncio.sleep(1.5)  # the row is past its grace period while the broker is down
+    assert (await delivery.row(task_id)).status == "pending"
+    assert delivery.mail.messages == []
+
+    delivery.broker.start()  # same port, empty: the job published by the POST never was
+    await _settled_one_message(delivery, task_id, "Renew the passport")
+
+
+async def test_a_worker_killed_while_retrying_is_replaced_and_mails_once(
+    delivery: Delivery,
+) -> None:
+    first = delivery.start_worker()  # the mail server is down: the job is in its retries
+    task_id, _ = await delivery.create("Book the flights")
+    await _attempted(delivery, task_id, 1)
+
+    first.kill()
+    failing = await delivery.row(task_id)
+    assert failing.status == "pending"
+
+    delivery.mail.start()
+    delivery.start_worker()
+    row = await _settled_one_message(delivery, task_id, "Book the flights")
+    assert row.attempts > failing.attempts
+
+
+async def test_the_same_job_delivered_twice_sends_one_mail(delivery: Delivery) -> None:
+    # Two pool processes and a slow mail server: the copies of the job run at the same time.
+    delivery.mail.mailbox.delay = 0.5
+    delivery.mail.start()
+    delivery.start_worker("--pool", "prefork", "--concurrency", "2")
+    celery = create_celery(delivery.app.state.settings)
+    try:
+        task_id, _ = await delivery.create("Pay the rent")
+        notification_id = str((await delivery.row(task_id)).id)
+        for _ in range(2):
+            celery.send_task(SEND_JOB, args=[notification_id])
+
+        await _settled_one_message(delivery, task_id, "Pay the rent")
+
+        # Once more after it was sent: still nothing new.
+        celery.send_task(SEND_JOB, args=[notification_id])
+        await asyncio.sleep(SETTLE)
+    finally:
+        celery.close()
+    assert len(delivery.mail.messages) == 1
+    assert (await delivery.row(task_id)).attempts == 1
+
+
+async def test_a_permanent_rejection_fails_after_one_attempt(delivery: Delivery) -> None:
+    delivery.mail.mailbox.rcpt_reply = "550 5.1.1 No such user here"
+    delivery.mail.start()
+    delivery.start_worker()
+
+    task_id, _ = await delivery.create("Water the plants")
+    await delivery.wait_row(task_id, "failed")
+    await asyncio.sleep(SETTLE)
+
+    row = await delivery.row(task_id)
+    assert (row.status, row.attempts) == ("failed", 1)
+    assert "550" in (row.last_error or ""), row
+    assert delivery.mail.mailbox.rcpt_attempts == 1
+    assert delivery.mail.messages == []
+
+
+async def test_temporary_failures_fail_after_the_maximum_attempts(delivery: Delivery) -> None:
+    delivery.mail.mailbox.data_reply = "451 4.3.0 Try again later"
+    delivery.mail.start()
+    delivery.start_worker(TASKAPP_NOTIFICATIONS_MAX_ATTEMPTS="2")
+
+    task_id, _ = await delivery.create("Fix the bike")
+    await delivery.wait_row(task_id, "failed")
+    await asyncio.sleep(SETTLE)
+
+    row = await delivery.row(task_id)
+    assert (row.status, row.attempts) == ("failed", 2)
+    assert "451" in (row.last_error or ""), row
+    assert delivery.mail.mailbox.data_attempts == 2
+    assert delivery.mail.messages == []
+
+
+async def test_a_creator_without_an_email_claim_gets_no_mail(delivery: Delivery) -> None:
+    delivery.mail.start()
+    delivery.start_worker()
+
+    carols, _ = await delivery.create("Carol's task", delivery.oidc.auth("carol", email=None))
+    # Alice's task after Carol's: once its mail is in, the worker has had Carol's row too.
+    alices, _ = await delivery.create("Alice's task")
+    await _settled_one_message(delivery, alices, "Alice's task")
+
+    skipped = await delivery.row(carols)
+    assert (skipped.status, skipped.attempts, skipped.recipient) == ("skipped", 0, None)
+
+
+async def test_post_latency_does_not_depend_on_the_mail_server(delivery: Delivery) -> None:
+    delivery.mail.mailbox.delay = 3
+    delivery.mail.start()
+    delivery.start_worker()
+
+    first, first_took = await delivery.create("First slow mail")
+
+    async def smtp_busy() -> bool:
+        return delivery.mail.mailbox.data_attempts >= 1
+
+    await eventually(smtp_busy, "the worker to be in the SMTP conversation")
+    second, second_took = await delivery.create("Second slow mail")
+
+    assert first_took < 1
+    assert second_took < 1
+    await delivery.wait_messages(2)
+    await asyncio.sleep(SETTLE)
+    assert len(delivery.mail.messages) == 2
+    for task_id, title in ((first, "First slow mail"), (second, "Second slow mail")):
+        row = await delivery.row(task_id)
+        assert (row.status, row.attempts) == ("sent", 1)
+        assert_delivered(delivery.message_for(row), row, title)
