@@ -6,6 +6,7 @@ database, and rows left by other test modules must not turn into mail here."""
 
 from __future__ import annotations
 
+import contextlib
 import html
 import time
 import uuid
@@ -17,11 +18,13 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from kombu import Connection
 from sqlalchemy import text
 
 from taskapp.app import create_app
 from taskapp.config import SMTPSettings
 from taskapp.db import upgrade_database
+from taskapp.embedded import is_listening
 from tests.conftest import SettingsFactory, running
 from tests.fixtures.oidc import OIDCProvider
 from tests.fixtures.processes import clean_env
@@ -49,7 +52,8 @@ class Delivery:
     app: FastAPI
     client: httpx.AsyncClient
     oidc: OIDCProvider
-    broker: PrivateRedis
+    broker: PrivateRedis | None
+    broker_url: str
     mail: MailServer
     queue: str
     database_url: str
@@ -61,8 +65,8 @@ class Delivery:
             TASKAPP_ENV="test",
             TASKAPP_LOG_LEVEL="INFO",
             TASKAPP_DATABASE_URL=self.database_url,
-            TASKAPP_REDIS_URL=self.broker.url,
-            TASKAPP_BROKER_URL=self.broker.url,
+            TASKAPP_REDIS_URL=self.broker.url if self.broker else "redis://127.0.0.1:6379/0",
+            TASKAPP_BROKER_URL=self.broker_url,
             TASKAPP_SMTP_URL=self.mail.url,
             TASKAPP_NOTIFICATIONS_QUEUE=self.queue,
             TASKAPP_NOTIFICATIONS_GRACE=str(GRACE),
@@ -153,12 +157,14 @@ def outbox_database_url(postgres_admin_url: str) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture
-async def delivery(
+@contextlib.asynccontextmanager
+async def _pipeline(
     make_settings: SettingsFactory,
-    outbox_database_url: str,
+    database_url: str,
     oidc: OIDCProvider,
-    tmp_path: Path,
+    directory: Path,
+    broker_url: str,
+    broker: PrivateRedis | None,
 ) -> AsyncIterator[Delivery]:
     queue = f"test-notify-{uuid.uuid4().hex[:12]}"
     mail = MailServer()
@@ -170,33 +176,71 @@ async def delivery(
         "backoff": BACKOFF,
         "backoff_max": BACKOFF_MAX,
     }
+    # Only the broker is private: the API's cache and rate limiter stay on the session
+    # Redis, so stopping the broker affects nothing but the outbox.
+    settings = make_settings(
+        database={"url": database_url},
+        notifications=notifications,
+        broker_url=broker_url,
+        smtp=SMTPSettings(_env_file=None, url=mail.url),
+    )
+    app = create_app(settings)
+    try:
+        async with running(app) as client:
+            async with app.state.engine.begin() as connection:
+                await connection.execute(text("TRUNCATE tasks, notifications"))
+            pipeline = Delivery(
+                app=app,
+                client=client,
+                oidc=oidc,
+                broker=broker,
+                broker_url=broker_url,
+                mail=mail,
+                queue=queue,
+                database_url=database_url,
+                directory=directory,
+            )
+            try:
+                yield pipeline
+            finally:
+                pipeline.stop_workers()
+    finally:
+        mail.stop()
+
+
+@pytest.fixture
+async def delivery(
+    make_settings: SettingsFactory,
+    outbox_database_url: str,
+    oidc: OIDCProvider,
+    tmp_path: Path,
+) -> AsyncIterator[Delivery]:
+    """The pipeline with a private Redis as its broker (which a test may stop)."""
     with private_redis(tmp_path / "broker") as broker:
-        # Only the broker is private: the API's cache and rate limiter stay on the session
-        # Redis, so stopping the broker affects nothing but the outbox.
-        settings = make_settings(
-            database={"url": outbox_database_url},
-            notifications=notifications,
-            broker_url=broker.url,
-            smtp=SMTPSettings(_env_file=None, url=mail.url),
-        )
-        app = create_app(settings)
+        async with _pipeline(
+            make_settings, outbox_database_url, oidc, tmp_path, broker.url, broker
+        ) as pipeline:
+            yield pipeline
+
+
+RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+@pytest.fixture
+async def rabbitmq_delivery(
+    make_settings: SettingsFactory,
+    outbox_database_url: str,
+    oidc: OIDCProvider,
+    tmp_path: Path,
+) -> AsyncIterator[Delivery]:
+    """The pipeline with RabbitMQ as its broker (the one on 127.0.0.1:5672)."""
+    if not is_listening("127.0.0.1", 5672):
+        pytest.skip("no RabbitMQ on 127.0.0.1:5672")
+    async with _pipeline(
+        make_settings, outbox_database_url, oidc, tmp_path, RABBITMQ, None
+    ) as pipeline:
         try:
-            async with running(app) as client:
-                async with app.state.engine.begin() as connection:
-                    await connection.execute(text("TRUNCATE tasks, notifications"))
-                pipeline = Delivery(
-                    app=app,
-                    client=client,
-                    oidc=oidc,
-                    broker=broker,
-                    mail=mail,
-                    queue=queue,
-                    database_url=outbox_database_url,
-                    directory=tmp_path,
-                )
-                try:
-                    yield pipeline
-                finally:
-                    pipeline.stop_workers()
+            yield pipeline
         finally:
-            mail.stop()
+            with Connection(RABBITMQ) as connection:  # our queue is durable: remove it
+                connection.default_channel.queue_delete(pipeline.queue)  # type: ignore[attr-defined]

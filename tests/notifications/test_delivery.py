@@ -69,6 +69,7 @@ async def test_broker_down_during_the_post_loses_nothing(delivery: Delivery) -> 
     delivery.mail.start()
     delivery.start_worker()
 
+    assert delivery.broker is not None
     delivery.broker.stop()
     task_id, took = await delivery.create("Renew the passport")
 
@@ -188,3 +189,14 @@ async def test_post_latency_does_not_depend_on_the_mail_server(delivery: Deliver
         row = await delivery.row(task_id)
         assert (row.status, row.attempts) == ("sent", 1)
         assert_delivered(delivery.message_for(row), row, title)
+
+
+async def test_rabbitmq_works_as_the_broker_too(rabbitmq_delivery: Delivery) -> None:
+    rabbitmq_delivery.mail.start()
+    rabbitmq_delivery.start_worker()
+
+    task_id, took = await rabbitmq_delivery.create("Through RabbitMQ")
+    assert took < 1
+    await rabbitmq_delivery.wait_messages(1)
+    row = await _settled_one_message(rabbitmq_delivery, task_id, "Through RabbitMQ")
+    assert row.attempts == 1
