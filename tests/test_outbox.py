@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 import uuid
 from email.message import EmailMessage
 from typing import Any
@@ -144,3 +147,29 @@ def test_a_title_cannot_inject_headers():
 def test_missing_description_reads_none():
     plain = _body(render(_notification(description=None), "n@example.com"), "plain")
     assert "Description: (none)" in plain
+
+
+async def test_after_a_failed_publish_the_next_ones_are_left_to_the_sweep(
+    notifying: tuple[FastAPI, httpx.AsyncClient],
+    oidc: OIDCProvider,
+    caplog: pytest.LogCaptureFixture,
+):
+    """With the broker down, POSTs stay fast and do not each tie up a publishing thread."""
+    app, client = notifying
+    caplog.set_level(logging.WARNING, logger="taskapp.notifications.outbox")
+    assert (
+        await client.post("/tasks", json={"title": "1"}, headers=oidc.auth())
+    ).status_code == 201
+    for _ in range(100):
+        if caplog.records:
+            break
+        await asyncio.sleep(0.05)
+    assert len(caplog.records) == 1
+    for n in range(5):
+        started = time.monotonic()
+        response = await client.post("/tasks", json={"title": str(n)}, headers=oidc.auth())
+        assert response.status_code == 201
+        assert time.monotonic() - started < 0.5
+    await asyncio.sleep(0.3)
+    assert len(caplog.records) == 1  # no further attempts within the back-off
+    assert len(await _notifications(app)) == 6  # every row is kept for the sweep

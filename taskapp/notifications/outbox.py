@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 import uuid
 
 from celery import Celery
@@ -24,9 +25,14 @@ _ADDRESS = re.compile(r"^[^@\s<>,;\"]+@[^@\s<>,;\"]+\.[^@\s<>,;\"]+$")
 class Outbox:
     """Records notifications and hands them to Celery once they are committed."""
 
+    # After a failed publish, leave the next ones to the sweep for this long: a broker
+    # outage under load must not pile up blocked publishing threads.
+    PUBLISH_BACKOFF = 5.0
+
     def __init__(self, celery: Celery | None, *, enabled: bool = True) -> None:
         self._celery = celery
         self._enabled = enabled
+        self._publish_after = float("-inf")
         self._enqueues: set[asyncio.Task[None]] = set()
 
     async def task_created(
@@ -60,7 +66,7 @@ class Outbox:
     def _start_enqueue(self, notification_id: uuid.UUID) -> None:
         # Publishing is blocking I/O and the broker may be down: never on the event loop,
         # never awaited by the request. A job that is not published is found by the sweep.
-        if self._celery is None:
+        if self._celery is None or time.monotonic() < self._publish_after:
             return
         task = asyncio.create_task(asyncio.to_thread(self._publish, notification_id))
         self._enqueues.add(task)
@@ -71,6 +77,7 @@ class Outbox:
         try:
             self._celery.send_task(SEND_JOB, args=[str(notification_id)], retry=False)
         except Exception as exc:  # broker unreachable: the sweep re-enqueues the row later
+            self._publish_after = time.monotonic() + self.PUBLISH_BACKOFF
             logger.warning("could not enqueue notification %s: %r", notification_id, exc)
 
     async def aclose(self) -> None:
