@@ -173,7 +173,7 @@ def test_run_serves_the_readme_session_on_embedded_services(tmp_path):
         assert titles == ["Survives restarts"]
 
 
-def test_run_uses_the_services_named_in_dotclean_env(tmp_path, database_url, redis_url):
+def test_run_uses_the_services_named_in_dot_env(tmp_path, database_url, redis_url):
     (tmp_path / ".env").write_text(
         f"TASKAPP_DATABASE_URL={database_url}\nTASKAPP_REDIS_URL={redis_url}\n"
     )
