@@ -153,11 +153,21 @@ class ResponseCache:
         processes by a short Redis lock that others wait on for a moment."""
         pending = self._inflight.get(entry_key)
         if pending is not None:
-            return await asyncio.shield(pending)
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if not pending.cancelled() or (current and current.cancelling()):
+                    raise  # this request itself is being cancelled
+                # The loading request was cancelled (its client left): load ourselves.
+                return await load()
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._inflight[entry_key] = future
         try:
             value = await self._fill(entry_key, load)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
         except BaseException as exc:
             future.set_exception(exc)
             # Waiters get the exception; nobody else needs to look at it.

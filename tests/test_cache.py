@@ -279,3 +279,30 @@ async def test_invalidation_lost_during_an_outage_is_never_served_stale(
             for client in (two, one):
                 got = await client.get(f"/tasks/{task['id']}", headers=alice)
                 assert got.json()["title"] == "new"
+
+
+async def test_waiters_load_themselves_when_the_loading_request_is_cancelled(
+    app: FastAPI,
+):
+    cache = app.state.cache
+    loads: list[str] = []
+
+    async def slow_load() -> bytes:
+        loads.append("leader")
+        await asyncio.sleep(5)
+        return b"never"
+
+    async def quick_load() -> bytes:
+        loads.append("waiter")
+        return b"fresh"
+
+    scope, key = f"owner:{uuid.uuid4()}", "list:1"
+    leader = asyncio.create_task(cache.get_or_load(scope, key, slow_load))
+    await asyncio.sleep(0.1)  # the leader holds the single-flight slot
+    waiter = asyncio.create_task(cache.get_or_load(scope, key, quick_load))
+    await asyncio.sleep(0.05)
+    leader.cancel()  # e.g. its client went away
+    assert await asyncio.wait_for(waiter, 2) == b"fresh"
+    assert loads == ["leader", "waiter"]
+    with contextlib.suppress(asyncio.CancelledError):
+        await leader

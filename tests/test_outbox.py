@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import smtplib
 import time
 import uuid
 from email.message import EmailMessage
@@ -15,8 +16,9 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from taskapp.app import create_app
-from taskapp.notifications.mail import message_id, render
+from taskapp.notifications.mail import is_permanent, message_id, render
 from taskapp.notifications.models import Notification
+from taskapp.notifications.outbox import usable_address
 from tests.conftest import SettingsFactory, running
 from tests.fixtures.metrics import sample
 from tests.fixtures.oidc import OIDCProvider
@@ -68,7 +70,19 @@ async def test_creating_a_task_records_one_pending_notification(
 
 @pytest.mark.parametrize(
     "email",
-    [None, "", "not-an-address", "a@b", "x@y.z,evil@example.com", "a\r\nbcc: evil@x.y@z.com"],
+    [
+        None,
+        "",
+        "not-an-address",
+        "a@b",
+        "x@y.z,evil@example.com",
+        "a\r\nbcc: evil@x.y@z.com",
+        "x@[b.c",  # crashes the standard library's header parser
+        "a:b@c.d",  # a group: would mail b@c.d
+        "a(b@c.d",  # a comment: no domain left
+        "Alice <alice@example.com>",
+        "ü@exämple.de",
+    ],
 )
 async def test_no_usable_address_is_recorded_as_skipped(
     notifying: tuple[FastAPI, httpx.AsyncClient], oidc: OIDCProvider, email: str | None
@@ -173,3 +187,28 @@ async def test_after_a_failed_publish_the_next_ones_are_left_to_the_sweep(
     await asyncio.sleep(0.3)
     assert len(caplog.records) == 1  # no further attempts within the back-off
     assert len(await _notifications(app)) == 6  # every row is kept for the sweep
+
+
+@pytest.mark.parametrize(
+    "email", ["alice@example.com", "Alice.O'Neil+tag@ex-ample.co.uk", "x_y-z@sub.example.org"]
+)
+def test_plain_addresses_are_usable(email: str):
+    assert usable_address(email) == email
+
+
+@pytest.mark.parametrize(
+    ("error", "permanent"),
+    [
+        (smtplib.SMTPRecipientsRefused({"a@example.com": (550, b"no such user")}), True),
+        (smtplib.SMTPRecipientsRefused({"a@example.com": (450, b"mailbox busy")}), False),
+        (smtplib.SMTPDataError(554, b"rejected as spam"), True),
+        (smtplib.SMTPDataError(451, b"try again later"), False),
+        # Our configuration or the server's state, not the message: retried.
+        (smtplib.SMTPAuthenticationError(535, b"bad credentials"), False),
+        (smtplib.SMTPSenderRefused(530, b"authentication required", "n@example.com"), False),
+        (smtplib.SMTPConnectError(554, b"no service"), False),
+        (ConnectionRefusedError(), False),
+    ],
+)
+def test_only_a_refusal_of_this_message_is_permanent(error: Exception, permanent: bool):
+    assert is_permanent(error) is permanent

@@ -79,43 +79,53 @@ def deliver(notification_id: uuid.UUID) -> tuple[str, float]:
         ).one_or_none()
         if row is None:
             return "nothing to do", 0.0  # sent, failed, skipped, not due, or being sent
-        try:
-            mail.send(mail.render(row, settings.smtp.from_address), settings.smtp)
-        except (smtplib.SMTPException, OSError) as exc:
-            row.attempts += 1
-            row.last_error = f"{type(exc).__name__}: {exc}"[:2000]
-            if mail.is_permanent(exc) or row.attempts >= settings.notifications.max_attempts:
-                row.status = NotificationStatus.FAILED.value
-                NOTIFICATIONS.labels("failed").inc()
-                logger.error(
-                    "notification %s failed after %d attempts: %s",
-                    row.id,
-                    row.attempts,
-                    row.last_error,
-                )
-                return "failed", 0.0
-            delay = _backoff(row.attempts)
-            row.next_attempt_at = func.now() + timedelta(seconds=delay)
-            NOTIFICATIONS.labels("retried").inc()
-            logger.warning(
-                "notification %s: attempt %d failed (%s); retrying in %.0fs",
-                row.id,
-                row.attempts,
-                row.last_error,
-                delay,
-            )
-            return "retry", delay
-        row.attempts += 1
-        row.status = NotificationStatus.SENT.value
-        row.sent_at = func.now()
-        NOTIFICATIONS.labels("sent").inc()
-        return "sent", 0.0
+        outcome, delay = _attempt(row)
+    # Counted once the outcome is committed.
+    NOTIFICATIONS.labels(outcome).inc()
+    return outcome, delay
+
+
+def _attempt(row: Notification) -> tuple[str, float]:
+    """One delivery attempt; records its result on the (locked) row."""
+    row.attempts += 1
+    try:
+        message = mail.render(row, settings.smtp.from_address)
+    except Exception as exc:  # a message that cannot be built never will be
+        return _give_up(row, exc)
+    try:
+        mail.send(message, settings.smtp)
+    except (smtplib.SMTPException, OSError) as exc:
+        if mail.is_permanent(exc) or row.attempts >= settings.notifications.max_attempts:
+            return _give_up(row, exc)
+        row.last_error = f"{type(exc).__name__}: {exc}"[:2000]
+        delay = _backoff(row.attempts)
+        row.next_attempt_at = func.now() + timedelta(seconds=delay)
+        logger.warning(
+            "notification %s: attempt %d failed (%s); retrying in %.0fs",
+            row.id,
+            row.attempts,
+            row.last_error,
+            delay,
+        )
+        return "retried", delay
+    row.status = NotificationStatus.SENT.value
+    row.sent_at = func.now()
+    return "sent", 0.0
+
+
+def _give_up(row: Notification, exc: BaseException) -> tuple[str, float]:
+    row.status = NotificationStatus.FAILED.value
+    row.last_error = f"{type(exc).__name__}: {exc}"[:2000]
+    logger.error(
+        "notification %s failed after %d attempts: %s", row.id, row.attempts, row.last_error
+    )
+    return "failed", 0.0
 
 
 @celery.task(bind=True, name=SEND_JOB, max_retries=None)
 def send_notification(self: Task[Any, Any], notification_id: str) -> str:
     outcome, delay = deliver(uuid.UUID(notification_id))
-    if outcome == "retry":
+    if outcome == "retried":
         # After the commit above: the row already says when it is due again.
         raise self.retry(countdown=delay + 0.5)
     return outcome

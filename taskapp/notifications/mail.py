@@ -83,7 +83,11 @@ def send(message: EmailMessage, settings: SMTPSettings) -> None:
 
 
 def is_permanent(exc: BaseException) -> bool:
-    """A 5xx answer: retrying the same message cannot succeed."""
+    """The server refused this message or its recipient for good (5xx to RCPT or DATA).
+
+    A 5xx to the greeting, STARTTLS, login or the sender is about our configuration or the
+    server's state, not the message: those are retried like any temporary failure.
+    """
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         return all(500 <= code < 600 for code, _ in exc.recipients.values())
-    return isinstance(exc, smtplib.SMTPResponseException) and 500 <= exc.smtp_code < 600
+    return isinstance(exc, smtplib.SMTPDataError) and 500 <= exc.smtp_code < 600

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ class _SaveToDirectory:
         match = re.search(rb"^Message-ID:\s*<([^>]+)>", content, re.MULTILINE | re.IGNORECASE)
         name = re.sub(r"[^\w.@-]", "_", match.group(1).decode()) if match else "message"
         stamp = time.strftime("%Y%m%dT%H%M%S")
-        (self.directory / f"{stamp}-{name}.eml").write_bytes(content)
+        # Unique even for two copies of one message: a duplicate must be visible.
+        (self.directory / f"{stamp}-{name}-{uuid.uuid4().hex[:8]}.eml").write_bytes(content)
         return "250 Message accepted for delivery"
 
 

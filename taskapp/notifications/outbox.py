@@ -7,6 +7,7 @@ import logging
 import re
 import time
 import uuid
+from email.headerregistry import Address
 
 from celery import Celery
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -18,8 +19,19 @@ from taskapp.observability.metrics import NOTIFICATIONS
 logger = logging.getLogger(__name__)
 
 SEND_JOB = "taskapp.send_notification"
-# A plausible single address, and nothing that could smuggle a header or a second recipient.
-_ADDRESS = re.compile(r"^[^@\s<>,;\"]+@[^@\s<>,;\"]+\.[^@\s<>,;\"]+$")
+# A plain address: nothing that could smuggle a header, a group or a second recipient.
+_ADDRESS = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
+
+
+def usable_address(email: str | None) -> str | None:
+    """`email` when it is one plain address the mail library reads back unchanged."""
+    if not email or len(email) > 320 or not _ADDRESS.match(email):
+        return None
+    try:
+        parsed = Address(addr_spec=email).addr_spec
+    except Exception:  # the stdlib parser raises assorted errors on odd input
+        return None
+    return email if parsed == email else None
 
 
 class Outbox:
@@ -41,7 +53,7 @@ class Outbox:
     ) -> Notification | None:  # fmt: skip
         if not self._enabled:
             return None
-        recipient = email if email and len(email) <= 320 and _ADDRESS.match(email) else None
+        recipient = usable_address(email)
         notification = Notification(
             id=uuid.uuid4(),
             kind="task_created",
@@ -53,14 +65,14 @@ class Outbox:
             status=(NotificationStatus.PENDING if recipient else NotificationStatus.SKIPPED).value,
         )
         session.add(notification)
-        if recipient is None:
-            NOTIFICATIONS.labels("skipped").inc()
-            return notification
 
-        async def enqueue() -> None:
-            self._start_enqueue(notification.id)
+        async def committed() -> None:
+            if recipient is None:
+                NOTIFICATIONS.labels("skipped").inc()
+            else:
+                self._start_enqueue(notification.id)
 
-        after_commit(session, enqueue)
+        after_commit(session, committed)
         return notification
 
     def _start_enqueue(self, notification_id: uuid.UUID) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+from sqlalchemy import text
+
 from taskapp.notifications.celery_app import SEND_JOB, create_celery
 from tests.notifications.conftest import Delivery, Row, assert_delivered
 from tests.notifications.harness import eventually
@@ -200,3 +202,32 @@ async def test_rabbitmq_works_as_the_broker_too(rabbitmq_delivery: Delivery) -> 
     await rabbitmq_delivery.wait_messages(1)
     row = await _settled_one_message(rabbitmq_delivery, task_id, "Through RabbitMQ")
     assert row.attempts == 1
+
+
+async def test_a_message_that_cannot_be_built_fails_once_instead_of_looping(
+    delivery: Delivery,
+) -> None:
+    """A row whose recipient the mail library cannot parse (written before addresses were
+    checked this strictly, say) is marked failed on its first attempt, not retried forever
+    by the sweep."""
+    delivery.mail.start()
+    delivery.start_worker()
+    task_id = uuid.uuid4()
+    async with delivery.app.state.engine.begin() as connection:
+        await connection.execute(
+            text(
+                "INSERT INTO notifications (id, kind, task_id, owner, recipient, payload)"
+                " VALUES (:id, 'task_created', :task_id, 'alice', 'x@[b.c', :payload)"
+            ),
+            {
+                "id": uuid.uuid4(),
+                "task_id": task_id,
+                "payload": '{"title": "t", "description": null, "status": "pending"}',
+            },
+        )
+    row = await delivery.wait_row(task_id, "failed")
+    await asyncio.sleep(2.5)  # several sweeps later
+    row = await delivery.row(task_id)
+    assert row.status == "failed"
+    assert row.attempts == 1
+    assert delivery.mail.messages == []
