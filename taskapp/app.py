@@ -21,7 +21,10 @@ from taskapp.db import create_engine, create_session_factory
 from taskapp.errors import error_responses, install_error_handlers
 from taskapp.notifications.celery_app import create_celery
 from taskapp.notifications.outbox import Outbox
+from taskapp.observability.database import instrument, probing
+from taskapp.observability.exposition import router as metrics_router
 from taskapp.observability.health import router as health_router
+from taskapp.observability.http import HTTPMetricsMiddleware
 from taskapp.observability.logging import configure_logging
 from taskapp.observability.requestid import RequestIdMiddleware
 from taskapp.ratelimit import RateLimiter, RateLimitMiddleware
@@ -60,6 +63,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await http.aclose()
         raise
     engine = create_engine(settings.database)
+    instrument(engine)
     redis = create_redis(settings.redis)
     app.state.engine = engine
     app.state.session_factory = create_session_factory(engine)
@@ -76,7 +80,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         keys, issuer=issuer, audience=settings.oidc.audience, leeway=settings.oidc.leeway
     )
     try:
-        yield
+        async with probing(engine):
+            yield
     finally:
         await outbox.aclose()
         if celery is not None:
@@ -112,7 +117,7 @@ def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application; clients are created when it starts, not at import."""
     settings = settings or get_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, json_lines=settings.json_logs)
     swagger_oauth = None
     if settings.oidc.swagger_client_id:
         swagger_oauth = {
@@ -139,7 +144,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # RateLimit-* headers; both run before any route or body parsing.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RateLimitMiddleware, settings=settings.ratelimit)
+    app.add_middleware(HTTPMetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(health_router)
+    app.include_router(metrics_router)
     app.include_router(tasks_router)
     return app

@@ -8,7 +8,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from pydantic import ValidationError
 
@@ -29,19 +29,38 @@ def _settings() -> Settings:
         sys.exit("taskapp: invalid configuration:\n" + "\n".join(lines))
 
 
+@contextlib.contextmanager
+def _metrics_directory() -> Iterator[None]:
+    """Metrics of all processes started from here meet in one directory, fresh for each
+    start (so counters never carry over from a previous run) and removed afterwards."""
+    import shutil
+    import tempfile
+
+    metrics_dir = tempfile.mkdtemp(prefix="taskapp-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        yield
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
 def _serve(host: str, port: int, workers: int, log_level: str) -> None:
     import uvicorn
 
-    uvicorn.run(
-        APP,
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level=log_level.lower(),
-        server_header=False,
-        timeout_graceful_shutdown=20,
-    )
+    with contextlib.ExitStack() as stack:
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            stack.enter_context(_metrics_directory())
+        uvicorn.run(
+            APP,
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=log_level.lower(),
+            server_header=False,
+            timeout_graceful_shutdown=20,
+            access_log=False,  # taskapp logs each request itself (observability/http.py)
+        )
 
 
 def _migrate(url: str) -> None:
@@ -98,6 +117,8 @@ def cmd_run(args: argparse.Namespace) -> None:
             stack.callback(sink.stop)
             os.environ["TASKAPP_SMTP_URL"] = f"smtp://127.0.0.1:{port}"
             print(f"Mail: captured as .eml files in {mail_dir}", flush=True)
+        # The worker's notification counters show up in the API's /metrics too.
+        stack.enter_context(_metrics_directory())
         if settings.notifications.enabled:
             worker = subprocess.Popen(
                 [sys.executable, "-m", "taskapp.cli", "worker", "--concurrency", "1"]

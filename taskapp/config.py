@@ -12,7 +12,7 @@ import re
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, NamedTuple, Self
+from typing import Annotated, Literal, NamedTuple, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -253,6 +253,10 @@ class Settings(BaseSettings):
     # Where `taskapp run` keeps its embedded PostgreSQL and Redis data and the dev key.
     data_dir: Path = Path(".taskapp")
     log_level: str = "INFO"
+    # "json" (one object per line) or "text"; default: json in production, text otherwise.
+    log_format: Literal["json", "text"] | None = None
+    # A static bearer token that may read /metrics (for a Prometheus server without OIDC).
+    metrics_token: SecretStr | None = None
     docs_enabled: bool = True
     # Largest accepted request body. A task is at most ~10,000 characters of description,
     # which JSON escaping can make ~120 KB; anything far beyond is refused unread.
@@ -272,6 +276,10 @@ class Settings(BaseSettings):
     @property
     def is_production(self) -> bool:
         return self.env is Environment.PRODUCTION
+
+    @property
+    def json_logs(self) -> bool:
+        return self.log_format == "json" or (self.log_format is None and self.is_production)
 
     @property
     def celery_broker_url(self) -> str | None:
@@ -299,6 +307,9 @@ class Settings(BaseSettings):
                 problems.append(f"{name} is required in production")
             elif _has_placeholder_password(secret.get_secret_value()):
                 problems.append(f"{name} uses a placeholder password; set a real one")
+        token = self.metrics_token.get_secret_value() if self.metrics_token else None
+        if token is not None and (token.lower() in PLACEHOLDER_SECRETS or len(token) < 16):
+            problems.append("TASKAPP_METRICS_TOKEN must be a real secret of 16+ characters")
         if problems:
             raise ValueError("; ".join(problems))
         return self

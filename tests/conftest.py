@@ -24,6 +24,7 @@ from taskapp.config import (
     Settings,
 )
 from taskapp.db import upgrade_database
+from taskapp.embedded import embedded_postgres
 from tests.fixtures.oidc import OIDCProvider, serve_provider
 from tests.fixtures.services import postgres_server, redis_server, scratch_database
 
@@ -56,6 +57,16 @@ def database_url(postgres_admin_url: str) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def oidc() -> Iterator[OIDCProvider]:
     yield from serve_provider()
+
+
+@pytest.fixture
+def private_postgres(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A migrated PostgreSQL server of this test's own, which the test may stop and start:
+    its URL and data directory."""
+    data_dir = tmp_path / "pg"
+    with embedded_postgres(data_dir) as url:
+        upgrade_database(url)
+        yield url, data_dir
 
 
 SettingsFactory = Callable[..., Settings]

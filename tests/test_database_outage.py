@@ -9,21 +9,9 @@ from pathlib import Path
 
 import pgserver
 import psutil
-import pytest
 
 from taskapp.app import create_app
-from taskapp.db import upgrade_database
-from taskapp.embedded import embedded_postgres
 from tests.conftest import running
-
-
-@pytest.fixture
-def private_postgres(tmp_path):
-    """A PostgreSQL server of this test's own, which the test may stop and start."""
-    data_dir = tmp_path / "pg"
-    with embedded_postgres(data_dir) as url:
-        upgrade_database(url)
-        yield url, data_dir
 
 
 def _start_again(data_dir: Path) -> None:

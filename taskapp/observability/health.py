@@ -10,7 +10,8 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy import text
+
+from taskapp.observability.database import probe
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
@@ -39,8 +40,8 @@ async def _probe(name: str, check: Awaitable[object]) -> bool:
 
 
 async def _database_ok(request: Request) -> None:
-    async with request.app.state.engine.connect() as connection:
-        await connection.execute(text("SELECT 1"))
+    if not await probe(request.app.state.engine):
+        raise ConnectionError("the database did not answer SELECT 1")
 
 
 @router.get(

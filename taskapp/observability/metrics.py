@@ -1,9 +1,49 @@
-"""Prometheus metrics of the service. Names are stable: dashboards and alerts use them."""
+"""Prometheus metrics of the service. Names are stable: dashboards and alerts use them.
+
+With several worker processes (`taskapp serve --workers N`) every process writes its values
+to `PROMETHEUS_MULTIPROC_DIR` and a scrape reports the totals; gauges declare how their
+per-process values combine.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
+# -- database ---------------------------------------------------------------------------------
+DB_UP = Gauge(
+    "db_up",
+    "1 when the database answers a probe, 0 when it does not",
+    multiprocess_mode="livemin",  # down for any worker is down
+)
+DB_QUERY_LATENCY = Histogram(
+    "db_query_latency_seconds",
+    "Time of each database statement, by kind of operation",
+    ["operation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+DB_ERRORS = Counter("db_errors", "Failed database operations, by error class", ["error"])
+DB_POOL_SIZE = Gauge("db_pool_size", "Connections the pools keep", multiprocess_mode="livesum")
+DB_POOL_CHECKED_OUT = Gauge(
+    "db_pool_checked_out", "Connections in use", multiprocess_mode="livesum"
+)
+DB_POOL_OVERFLOW = Gauge(
+    "db_pool_overflow", "Connections beyond the pool size", multiprocess_mode="livesum"
+)
+
+# -- HTTP ------------------------------------------------------------------------------------
+HTTP_REQUESTS = Counter(
+    "http_requests",
+    "HTTP requests by method, route template and status",
+    ["method", "route", "status"],
+)
+HTTP_REQUEST_DURATION = Histogram(
+    "http_request_duration_seconds",
+    "Time to answer an HTTP request, by method and route template",
+    ["method", "route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+# -- cache, rate limit, notifications ------------------------------------------------------------
 CACHE_REQUESTS = Counter(
     "taskapp_cache_requests",
     "Response cache lookups by result: hit, miss, or bypass (Redis unavailable)",
@@ -31,4 +71,5 @@ NOTIFICATIONS = Counter(
 OUTBOX_PENDING = Gauge(
     "taskapp_outbox_pending",
     "Notifications waiting to be sent, as counted by the last outbox sweep",
+    multiprocess_mode="livemax",
 )

@@ -1,0 +1,76 @@
+"""GET /metrics: Prometheus text (or OpenMetrics when asked), totals over all workers."""
+
+from __future__ import annotations
+
+import hmac
+import os
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from taskapp.auth.dependencies import AUTH_STATE, authenticate
+from taskapp.auth.principal import Principal, Role
+from taskapp.config import Settings
+from taskapp.errors import ForbiddenError, error_responses
+from taskapp.observability.database import probe
+
+router = APIRouter(tags=["observability"])
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def _registry() -> CollectorRegistry:
+    if not os.environ.get(MULTIPROCESS_ENV):
+        return REGISTRY
+    # Every worker writes its samples to the shared directory; this sums them up. The
+    # process, GC and platform collectors describe the process answering the scrape.
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    ProcessCollector(registry=registry)
+    GCCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
+
+
+async def _authorize(request: Request) -> None:
+    settings: Settings = request.app.state.settings
+    header = request.headers.get("authorization", "")
+    scheme, _, credentials = header.strip().partition(" ")
+    token = settings.metrics_token
+    if (
+        token is not None
+        and scheme.lower() == "bearer"
+        and hmac.compare_digest(credentials.strip().encode(), token.get_secret_value().encode())
+    ):
+        return  # the static scrape token
+    result = getattr(request.state, AUTH_STATE, None) or await authenticate(
+        request.app, header or None
+    )
+    if not isinstance(result, Principal):
+        raise result
+    if {Role.USER, Role.ADMIN}.isdisjoint(result.roles):
+        raise ForbiddenError("Insufficient role for this operation")
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "Prometheus exposition"},
+        **error_responses(401, 403, 429),
+    },
+)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics (a user/admin token, or the static TASKAPP_METRICS_TOKEN)."""
+    await _authorize(request)
+    await probe(request.app.state.engine)  # db_up as of this scrape
+    encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+    return Response(encoder(_registry()), media_type=content_type)

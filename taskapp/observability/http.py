@@ -1,0 +1,65 @@
+"""Per-request metrics and the access log line, keyed by route template (never raw paths)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from taskapp.auth.dependencies import AUTH_STATE
+from taskapp.auth.principal import Principal
+from taskapp.observability.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
+
+access_log = logging.getLogger("taskapp.access")
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class HTTPMetricsMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # unless a response starts: an exception became the 500
+
+        async def send_recording(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_recording)
+        finally:
+            duration = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+            HTTP_REQUESTS.labels(method, route, str(status)).inc()
+            HTTP_REQUEST_DURATION.labels(method, route).observe(duration)
+            access_log.info(
+                "%s %s %s %.1fms",
+                method,
+                route,
+                status,
+                duration * 1000,
+                extra={
+                    "method": method,
+                    "route": route,
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round(duration * 1000, 2),
+                    "subject": _subject(scope),
+                },
+            )
+
+
+def _subject(scope: Scope) -> str | None:
+    state: dict[str, Any] = scope.get("state") or {}
+    result = state.get(AUTH_STATE)
+    return result.subject if isinstance(result, Principal) else None
