@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from taskapp.app import create_app
+from taskapp.observability.exposition import forget_dead_processes
 from tests.conftest import SettingsFactory, running
 from tests.fixtures.oidc import OIDCProvider
 from tests.fixtures.processes import clean_env, running_server
@@ -184,3 +186,23 @@ async def test_each_request_has_one_access_record(
     assert (fields["method"], fields["route"], fields["status"]) == ("GET", "/tasks", 200)
     assert fields["subject"] == "alice"
     assert fields["duration_ms"] >= 0
+
+
+def test_live_gauges_of_dead_workers_are_forgotten(tmp_path: Path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    files = {
+        name: tmp_path / name
+        for name in (
+            f"gauge_livesum_{dead.pid}.db",  # a crashed worker's pool gauge
+            f"gauge_livesum_{os.getpid()}.db",  # a living worker's
+            f"counter_{dead.pid}.db",  # counters of the dead still count
+        )
+    }
+    for path in files.values():
+        path.write_bytes(b"")
+    forget_dead_processes(str(tmp_path))
+    assert {path.name for path in tmp_path.iterdir()} == {
+        f"gauge_livesum_{os.getpid()}.db",
+        f"counter_{dead.pid}.db",
+    }

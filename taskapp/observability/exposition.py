@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import os
+from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import (
@@ -14,7 +15,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from taskapp.auth.dependencies import AUTH_STATE, authenticate
 from taskapp.auth.principal import Principal, Role
@@ -27,9 +28,24 @@ router = APIRouter(tags=["observability"])
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
+def forget_dead_processes(directory: str) -> None:
+    """Drop the live-gauge files of worker processes that died (uvicorn restarts a crashed
+    worker without telling prometheus_client), so `live*` gauges count living ones only."""
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        pid = int(path.stem.rsplit("_", 1)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+        except PermissionError:
+            pass
+
+
 def _registry() -> CollectorRegistry:
-    if not os.environ.get(MULTIPROCESS_ENV):
+    directory = os.environ.get(MULTIPROCESS_ENV)
+    if not directory:
         return REGISTRY
+    forget_dead_processes(directory)
     # Every worker writes its samples to the shared directory; this sums them up. The
     # process, GC and platform collectors describe the process answering the scrape.
     registry = CollectorRegistry()
