@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -44,11 +45,21 @@ def _metrics_directory() -> Iterator[None]:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _serve(host: str, port: int, workers: int, log_level: str) -> None:
+def _serve(settings: Settings, host: str, port: int, workers: int) -> None:
     import uvicorn
 
+    from taskapp.observability.logging import configure_logging
+
+    # The supervisor's own lines (workers started, restarted, stopped) go through the same
+    # formatter as the workers'; uvicorn's loggers then propagate to it.
+    configure_logging(settings.log_level, json_lines=settings.json_logs)
     with contextlib.ExitStack() as stack:
-        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        preset = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if preset:
+            # A directory given to us (containers): reset, so totals start from zero.
+            for stale in Path(preset).glob("*.db"):
+                stale.unlink(missing_ok=True)
+        else:
             stack.enter_context(_metrics_directory())
         uvicorn.run(
             APP,
@@ -56,7 +67,8 @@ def _serve(host: str, port: int, workers: int, log_level: str) -> None:
             host=host,
             port=port,
             workers=workers,
-            log_level=log_level.lower(),
+            log_level=settings.log_level.lower(),
+            log_config=None,  # keep the logging set up above
             server_header=False,
             timeout_graceful_shutdown=20,
             access_log=False,  # taskapp logs each request itself (observability/http.py)
@@ -125,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> None:
             )
             stack.callback(_stop_process, worker)
         print(f"Serving taskapp on http://{args.host}:{args.port} (docs at /docs)", flush=True)
-        _serve(args.host, args.port, args.workers, settings.log_level)
+        _serve(settings, args.host, args.port, args.workers)
 
 
 def _free_port() -> int:
@@ -158,7 +170,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     ]
     if missing:
         sys.exit(f"taskapp serve needs {', '.join(missing)} (or use `taskapp run` for development)")
-    _serve(args.host, args.port, args.workers, settings.log_level)
+    _serve(settings, args.host, args.port, args.workers)
 
 
 def _worker_settings() -> Settings:

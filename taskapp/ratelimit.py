@@ -29,7 +29,9 @@ from taskapp.redis_client import REDIS_FAILURES, RedisBreaker
 
 logger = logging.getLogger(__name__)
 
-EXEMPT_PATHS = frozenset({"/healthz", "/readyz"})
+# Probes and the metrics scrape (which has its own authentication, often a static token
+# that is not a JWT): monitoring must not go dark when a limit is hit.
+EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 LIMIT_EXCEEDED = "Rate limit exceeded"
 
 # GCRA: a bucket is the "theoretical arrival time" (TAT) of the next request, in ms of the

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -142,9 +143,20 @@ def test_several_workers_report_totals_and_log_json_lines(
         TASKAPP_NOTIFICATIONS_ENABLED="false",
         TASKAPP_LOG_FORMAT="json",
     )
+    # A metrics directory given by the operator, holding counts from an earlier run...
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    _in_metrics_dir(metrics_dir, "HTTP_REQUESTS.labels('GET', '/tasks', '200').inc(1000)")
     requests = 60
     token = oidc.token("metrics-user")
     with running_server(["serve", "--workers", "4"], env, port, tmp_path):
+        # ...and a Celery worker on the same host, writing its counters there too.
+        worker = _in_metrics_dir(
+            metrics_dir,
+            "NOTIFICATIONS.labels('sent').inc(); import time; time.sleep(60)",
+            wait=False,
+        )
         base = f"http://127.0.0.1:{port}"
         for _ in range(requests):  # a new connection each time: any worker may answer
             response = httpx.get(
@@ -156,11 +168,16 @@ def test_several_workers_report_totals_and_log_json_lines(
         text = httpx.get(
             f"{base}/metrics", headers={"Authorization": f"Bearer {SCRAPE_TOKEN}"}
         ).text
+        worker.kill()
+    # The earlier run's counts were reset at start; the worker's counter is included; the
+    # worker, which never probes the database, does not drag db_up down.
     counted = samples(text, "http_requests_total", method="GET", route="/tasks", status="200")
     assert counted == requests
+    assert samples(text, "taskapp_notifications_total", outcome="sent") == 1
+    assert samples(text, "db_up") == 1
 
-    lines = [json.loads(line) for line in (tmp_path / "server.log").read_text().splitlines()
-             if line.startswith("{")]  # fmt: skip
+    # Every line is JSON, the server's own (workers started, stopped) included.
+    lines = [json.loads(line) for line in (tmp_path / "server.log").read_text().splitlines()]
     access = [line for line in lines if line.get("logger") == "taskapp.access"]
     task_lines = [line for line in access if line["route"] == "/tasks"]
     assert len(task_lines) == requests
@@ -206,3 +223,23 @@ def test_live_gauges_of_dead_workers_are_forgotten(tmp_path: Path):
         f"gauge_livesum_{os.getpid()}.db",
         f"counter_{dead.pid}.db",
     }
+
+
+def _in_metrics_dir(directory: Path, code: str, *, wait: bool = True) -> subprocess.Popen[bytes]:
+    """Run `code` in a process writing metrics to `directory` (names from metrics.py)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", f"from taskapp.observability.metrics import *; {code}"],
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)},
+    )
+    if wait:
+        assert process.wait(timeout=30) == 0
+    return process
+
+
+async def test_the_scrape_is_never_rate_limited(make_settings: SettingsFactory):
+    settings = make_settings(metrics_token=SCRAPE_TOKEN, ratelimit={"anonymous": "1/minute"})
+    async with running(create_app(settings)) as client:
+        assert (await client.get("/tasks")).status_code == 401
+        assert (await client.get("/tasks")).status_code == 429  # the anonymous budget is gone
+        for _ in range(5):
+            await scrape(client)

@@ -20,13 +20,14 @@ from taskapp.observability.metrics import (
     DB_POOL_OVERFLOW,
     DB_POOL_SIZE,
     DB_QUERY_LATENCY,
-    DB_UP,
+    db_up,
 )
 
 logger = logging.getLogger(__name__)
 
 _OPERATIONS = frozenset({"select", "insert", "update", "delete"})
 PROBE_INTERVAL = 5.0
+PROBE_OPTION = "taskapp_probe"
 PROBE_TIMEOUT = 2.0
 
 
@@ -72,15 +73,15 @@ async def probe(engine: AsyncEngine) -> bool:
     """Ask the database for `SELECT 1`; keeps `db_up` and the pool gauges current."""
     try:
         async with asyncio.timeout(PROBE_TIMEOUT), engine.connect() as connection:
-            await connection.execute(text("SELECT 1"))
+            await connection.execute(text("SELECT 1"), execution_options={PROBE_OPTION: True})
     except Exception as exc:
         if isinstance(exc, TimeoutError | OSError):  # not seen by handle_error
             DB_ERRORS.labels(type(exc).__name__).inc()
-        DB_UP.set(0)
+        db_up().set(0)
         logger.debug("database probe failed: %r", exc)
         up = False
     else:
-        DB_UP.set(1)
+        db_up().set(1)
         up = True
     record_pool(engine)
     return up

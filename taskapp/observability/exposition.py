@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from taskapp.auth.dependencies import AUTH_STATE, authenticate
 from taskapp.auth.principal import Principal, Role
@@ -32,11 +33,15 @@ def forget_dead_processes(directory: str) -> None:
     """Drop the live-gauge files of worker processes that died (uvicorn restarts a crashed
     worker without telling prometheus_client), so `live*` gauges count living ones only."""
     for path in Path(directory).glob("gauge_live*_*.db"):
-        pid = int(path.stem.rsplit("_", 1)[1])
+        pid = path.stem.rsplit("_", 1)[1]
+        if not pid.isdigit():
+            continue
         try:
-            os.kill(pid, 0)
+            os.kill(int(pid), 0)
         except ProcessLookupError:
-            mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+            # Concurrent scrapes in other workers may remove the same file first.
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
         except PermissionError:
             pass
 

@@ -7,14 +7,23 @@ per-process values combine.
 
 from __future__ import annotations
 
+from functools import cache
+
 from prometheus_client import Counter, Gauge, Histogram
 
+
 # -- database ---------------------------------------------------------------------------------
-DB_UP = Gauge(
-    "db_up",
-    "1 when the database answers a probe, 0 when it does not",
-    multiprocess_mode="livemin",  # down for any worker is down
-)
+@cache
+def db_up() -> Gauge:
+    """Created by the first probe, so processes that never probe (Celery workers sharing the
+    metrics directory in `taskapp run`) report nothing instead of a 0 that wins the min."""
+    return Gauge(
+        "db_up",
+        "1 when the database answers a probe, 0 when it does not",
+        multiprocess_mode="livemin",  # down for any API worker is down
+    )
+
+
 DB_QUERY_LATENCY = Histogram(
     "db_query_latency_seconds",
     "Time of each database statement, by kind of operation",
