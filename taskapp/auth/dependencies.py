@@ -51,6 +51,11 @@ async def get_principal(
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
 ) -> Principal:
     """The caller behind the request's bearer token; 401 when there is none or it is bad."""
+    return await request_principal(request)
+
+
+async def request_principal(request: Request) -> Principal:
+    """The caller, as verified by the rate limiter for this request or verified now."""
     result = getattr(request.state, AUTH_STATE, None)
     if result is None:
         result = await authenticate(request.app, request.headers.get("authorization"))
@@ -59,17 +64,25 @@ async def get_principal(
     return result
 
 
+def ensure_role(principal: Principal, allowed: frozenset[str]) -> Principal:
+    """`principal` if it holds any of `allowed`; 403 otherwise."""
+    if allowed.isdisjoint(principal.roles):
+        raise ForbiddenError("Insufficient role for this operation")
+    return principal
+
+
+USER_ROLES = frozenset({Role.USER, Role.ADMIN})
+
+
 def require_role(*roles: Role) -> Callable[[Principal], Awaitable[Principal]]:
     """A dependency that admits callers holding any of `roles`, and 403s the rest."""
     allowed = frozenset(roles)
 
     async def check(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
-        if allowed.isdisjoint(principal.roles):
-            raise ForbiddenError("Insufficient role for this operation")
-        return principal
+        return ensure_role(principal, allowed)
 
     return check
 
 
-UserPrincipal = Annotated[Principal, Depends(require_role(Role.USER, Role.ADMIN))]
+UserPrincipal = Annotated[Principal, Depends(require_role(*USER_ROLES))]
 AdminPrincipal = Annotated[Principal, Depends(require_role(Role.ADMIN))]

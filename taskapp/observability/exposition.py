@@ -18,10 +18,9 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from taskapp.auth.dependencies import AUTH_STATE, authenticate
-from taskapp.auth.principal import Principal, Role
+from taskapp.auth.dependencies import USER_ROLES, ensure_role, request_principal
 from taskapp.config import Settings
-from taskapp.errors import ForbiddenError, error_responses
+from taskapp.errors import error_responses
 from taskapp.observability.database import probe
 
 router = APIRouter(tags=["observability"])
@@ -72,13 +71,7 @@ async def _authorize(request: Request) -> None:
         and hmac.compare_digest(credentials.strip().encode(), token.get_secret_value().encode())
     ):
         return  # the static scrape token
-    result = getattr(request.state, AUTH_STATE, None) or await authenticate(
-        request.app, header or None
-    )
-    if not isinstance(result, Principal):
-        raise result
-    if {Role.USER, Role.ADMIN}.isdisjoint(result.roles):
-        raise ForbiddenError("Insufficient role for this operation")
+    ensure_role(await request_principal(request), USER_ROLES)
 
 
 @router.get(
