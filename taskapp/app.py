@@ -77,7 +77,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis, settings.cache, key_prefix=settings.redis.key_prefix
     )
     app.state.token_verifier = TokenVerifier(
-        keys, issuer=issuer, audience=settings.oidc.audience, leeway=settings.oidc.leeway
+        keys,
+        issuer=issuer,
+        audience=settings.oidc.audience,
+        leeway=settings.oidc.leeway,
+        cache_size=settings.oidc.claims_cache_size,
+        cache_ttl=settings.oidc.claims_cache_ttl,
     )
     try:
         async with probing(engine):

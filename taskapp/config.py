@@ -106,6 +106,11 @@ class OIDCSettings(BaseSettings):
     jwks_refetch_cooldown: Annotated[float, Field(ge=0)] = 10.0
     http_timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
     leeway: Annotated[int, Field(ge=0, le=300)] = 30
+    # Verified tokens remembered per process (skips the RSA check on repeat use); 0: off.
+    claims_cache_size: Annotated[int, Field(ge=0)] = 10_000
+    # Longest a remembered token is accepted without a new signature check (never past its
+    # exp): how long a key withdrawn from the JWKS may still be honoured.
+    claims_cache_ttl: Annotated[float, Field(gt=0)] = 60.0
     # Public client id (PKCE) that Swagger UI at /docs uses to log in; unset hides that flow.
     swagger_client_id: str | None = None
 

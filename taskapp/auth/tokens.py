@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
+import time
+from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any, TypeGuard
+from typing import Any, NamedTuple, TypeGuard
 
 import jwt
 
 from taskapp.auth.errors import InvalidTokenError
-from taskapp.auth.jwks import KEY_TYPE_FOR_ALGORITHM, KeySource
+from taskapp.auth.jwks import KEY_TYPE_FOR_ALGORITHM, KeySource, SigningKey
 from taskapp.auth.principal import Principal
 
 # Keycloak access tokens are 1-2 KB; anything far larger is not one of ours.
@@ -16,18 +20,74 @@ MAX_TOKEN_LENGTH = 16 * 1024
 MAX_SUBJECT_LENGTH = 255
 
 
-class TokenVerifier:
-    """Turns a bearer token into a `Principal`, or raises `InvalidTokenError`."""
+class _Verified(NamedTuple):
+    principal: Principal
+    # Where the signature was checked: the entry is good only while this key is current.
+    kid: str | None
+    algorithm: str
+    key: SigningKey
+    # Wall-clock time (the clock `exp` is read against) from which the token is expired.
+    expires_at: float
+    # Monotonic time from which the signature must be checked again.
+    recheck_at: float
 
-    def __init__(self, keys: KeySource, *, issuer: str, audience: str, leeway: int) -> None:
+
+class TokenVerifier:
+    """Turns a bearer token into a `Principal`, or raises `InvalidTokenError`.
+
+    The RSA signature check is the costly part, and a client sends the same token for
+    minutes, so successful verifications are remembered (LRU of `cache_size` entries, keyed
+    by the token's SHA-256; 0 turns it off). An entry is used only while the token is
+    unexpired (same leeway as the full check), for at most `cache_ttl` seconds, and while
+    the key source still returns the very key that checked it: a key withdrawn from the
+    JWKS stops working as soon as without the cache. Failures are never remembered.
+    """
+
+    def __init__(
+        self,
+        keys: KeySource,
+        *,
+        issuer: str,
+        audience: str,
+        leeway: int,
+        cache_size: int = 10_000,
+        cache_ttl: float = 60.0,
+    ) -> None:
         self.keys = keys
         self.issuer = issuer
         self.audience = audience
         self.leeway = leeway
+        self.cache_size = cache_size
+        self.cache_ttl = cache_ttl
+        self._cache: OrderedDict[bytes, _Verified] = OrderedDict()
 
     async def verify(self, token: str) -> Principal:
         if len(token) > MAX_TOKEN_LENGTH:
             raise InvalidTokenError("Token too large")
+        if self.cache_size == 0:
+            return (await self._check(token)).principal
+        cache_key = hashlib.sha256(token.encode()).digest()
+        # Taken out while it is judged (other requests may run meanwhile); put back, as the
+        # most recently used, if it still holds.
+        entry = self._cache.pop(cache_key, None)
+        if entry is None or not await self._still_valid(entry):
+            entry = await self._check(token)
+            if time.time() >= entry.expires_at:  # exp unreadable as a number, or just passed
+                return entry.principal
+        self._cache[cache_key] = entry
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return entry.principal
+
+    async def _still_valid(self, entry: _Verified) -> bool:
+        if time.time() >= entry.expires_at or time.monotonic() >= entry.recheck_at:
+            return False
+        # A cheap lookup. Withdrawn key: raises as a full check would. Refreshed key set
+        # (new key objects): one full check, then cached again.
+        return await self.keys.get_key(entry.kid, entry.algorithm) is entry.key
+
+    async def _check(self, token: str) -> _Verified:
+        """The full verification, signature included."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
@@ -57,7 +117,15 @@ class TokenVerifier:
             raise InvalidTokenError("Token issuer not accepted") from exc
         except (jwt.PyJWTError, ValueError, TypeError) as exc:
             raise InvalidTokenError("Invalid token") from exc
-        return self._principal(claims)
+        return _Verified(
+            self._principal(claims),
+            kid,
+            algorithm,
+            key,
+            # PyJWT accepts a token while exp > now - leeway: the entry must not outlive that.
+            expires_at=_expiry(claims) + self.leeway,
+            recheck_at=time.monotonic() + self.cache_ttl,
+        )
 
     def _principal(self, claims: Mapping[str, Any]) -> Principal:
         audiences = claims.get("aud")
@@ -84,6 +152,14 @@ class TokenVerifier:
             email=email if isinstance(email, str) else None,
             username=username if isinstance(username, str) else None,
         )
+
+
+def _expiry(claims: Mapping[str, Any]) -> float:
+    """`exp` read as PyJWT reads it (`int(...)`); -inf, never cached, if it cannot be."""
+    try:
+        return int(claims["exp"])
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return -math.inf
 
 
 def _usable_subject(subject: Any) -> TypeGuard[str]:
