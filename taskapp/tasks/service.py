@@ -130,7 +130,8 @@ class TaskService:
         after_commit(self.repository.session, invalidate)
 
 
-def get_task_service(session: SessionDep, request: Request) -> TaskService:
+async def get_task_service(session: SessionDep, request: Request) -> TaskService:
+    # async: FastAPI runs a plain `def` dependency in a worker thread, a hop per request.
     state = request.app.state
     return TaskService(TaskRepository(session), state.cache, state.outbox)
 
