@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -45,10 +46,12 @@ def _metrics_directory() -> Iterator[None]:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _serve(settings: Settings, host: str, port: int, workers: int) -> None:
+def serve_app(settings: Settings, host: str, port: int, workers: int, app: str = APP) -> None:
+    """Serve the factory `app` the way `taskapp serve` does (the benchmark reuses this)."""
     import uvicorn
 
     from taskapp.observability.logging import configure_logging
+    from taskapp.serving import HTTP_PROTOCOL, run_workers
 
     # The supervisor's own lines (workers started, restarted, stopped) go through the same
     # formatter as the workers'; uvicorn's loggers then propagate to it.
@@ -61,18 +64,25 @@ def _serve(settings: Settings, host: str, port: int, workers: int) -> None:
                 stale.unlink(missing_ok=True)
         else:
             stack.enter_context(_metrics_directory())
-        uvicorn.run(
-            APP,
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            log_level=settings.log_level.lower(),
-            log_config=None,  # keep the logging set up above
-            server_header=False,
-            timeout_graceful_shutdown=20,
-            access_log=False,  # taskapp logs each request itself (observability/http.py)
-        )
+        options: dict[str, Any] = {
+            "factory": True,
+            "host": host,
+            "port": port,
+            "workers": workers,
+            "http": HTTP_PROTOCOL,  # TCP_NODELAY on every connection, whatever the loop
+            "log_level": settings.log_level.lower(),
+            "log_config": None,  # keep the logging set up above
+            "server_header": False,
+            "timeout_graceful_shutdown": 20,
+            "access_log": False,  # taskapp logs each request itself (observability/http.py)
+        }
+        if workers > 1:
+            try:
+                run_workers(uvicorn.Config(app, **options))
+            except OSError as exc:
+                sys.exit(f"taskapp: cannot listen on {host}:{port}: {exc.strerror or exc}")
+        else:
+            uvicorn.run(app, **options)
 
 
 def _migrate(url: str) -> None:
@@ -137,7 +147,7 @@ def cmd_run(args: argparse.Namespace) -> None:
             )
             stack.callback(_stop_process, worker)
         print(f"Serving taskapp on http://{args.host}:{args.port} (docs at /docs)", flush=True)
-        _serve(settings, args.host, args.port, args.workers)
+        serve_app(settings, args.host, args.port, args.workers)
 
 
 def _free_port() -> int:
@@ -170,7 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     ]
     if missing:
         sys.exit(f"taskapp serve needs {', '.join(missing)} (or use `taskapp run` for development)")
-    _serve(settings, args.host, args.port, args.workers)
+    serve_app(settings, args.host, args.port, args.workers)
 
 
 def _worker_settings() -> Settings:
