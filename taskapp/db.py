@@ -69,6 +69,18 @@ def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSessi
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
 
 
+def create_read_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions for requests that only read: no BEGIN/COMMIT, two round trips fewer.
+
+    Nothing is lost: under READ COMMITTED every statement takes its own snapshot, inside a
+    transaction or not.
+    """
+    return create_session_factory(engine.execution_options(isolation_level="AUTOCOMMIT"))
+
+
+READ_ONLY_METHODS = frozenset({"GET", "HEAD"})
+
+
 def unavailable_reason(exc: BaseException) -> str | None:
     """Why `exc` means the database is unavailable, or None when it is a real bug."""
     if isinstance(exc, sa_exc.TimeoutError):
@@ -98,7 +110,10 @@ def after_commit(session: AsyncSession, callback: AfterCommit) -> None:
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     """One session per request; commits once, after the handler, before the response."""
-    factory: async_sessionmaker[AsyncSession] = request.app.state.session_factory
+    state = request.app.state
+    factory: async_sessionmaker[AsyncSession] = (
+        state.read_session_factory if request.method in READ_ONLY_METHODS else state.session_factory
+    )
     async with factory() as session:
         # Leaving the block closes the session; an uncommitted transaction rolls back.
         try:
