@@ -110,3 +110,32 @@ async def test_pool_timeout_is_503_not_a_hang(make_settings, oidc):
         assert response.status_code == 503
         assert response.json() == {"detail": "Database is busy: no connection became free in time"}
         assert (await client.get("/tasks", headers=auth)).status_code == 200
+
+
+async def test_connections_closed_by_the_server_are_replaced_unnoticed(
+    client, app, oidc, database_url
+):
+    """A pooled connection the server dropped (restart, failover, idle kill) is never used."""
+    import asyncpg
+
+    auth = oidc.auth("alice")
+    assert (await client.post("/tasks", json={"title": "kept"}, headers=auth)).status_code == 201
+    pool = app.state.engine.sync_engine.pool
+    assert pool.checkedin() >= 1  # the connection that served it waits in the pool
+
+    admin = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        killed = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'taskapp'"
+        )
+    finally:
+        await admin.close()
+    assert killed >= 1
+    await asyncio.sleep(0.2)  # the termination reaches the pooled sockets
+
+    await app.state.cache.clear()  # the read must reach the database
+    for _ in range(3):
+        listed = await client.get("/tasks", headers=auth)
+        assert listed.status_code == 200, listed.text
+        assert [task["title"] for task in listed.json()["items"]] == ["kept"]
