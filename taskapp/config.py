@@ -109,8 +109,8 @@ class OIDCSettings(BaseSettings):
     # Verified tokens remembered per process (skips the RSA check on repeat use); 0: off.
     claims_cache_size: Annotated[int, Field(ge=0)] = 10_000
     # Longest a remembered token is accepted without a new signature check (never past its
-    # exp): how long a key withdrawn from the JWKS may still be honoured.
-    claims_cache_ttl: Annotated[float, Field(gt=0)] = 60.0
+    # exp, and never once its key has left the JWKS).
+    claims_cache_ttl: Annotated[float, Field(gt=0)] = 300.0
     # Public client id (PKCE) that Swagger UI at /docs uses to log in; unset hides that flow.
     swagger_client_id: str | None = None
 

@@ -51,7 +51,7 @@ class TokenVerifier:
         audience: str,
         leeway: int,
         cache_size: int = 10_000,
-        cache_ttl: float = 60.0,
+        cache_ttl: float = 300.0,
     ) -> None:
         self.keys = keys
         self.issuer = issuer

@@ -252,7 +252,7 @@ def test_settings_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TASKAPP_OIDC_CLAIMS_CACHE_SIZE", raising=False)
     monkeypatch.delenv("TASKAPP_OIDC_CLAIMS_CACHE_TTL", raising=False)
     settings = OIDCSettings(_env_file=None)
-    assert (settings.claims_cache_size, settings.claims_cache_ttl) == (10_000, 60)
+    assert (settings.claims_cache_size, settings.claims_cache_ttl) == (10_000, 300)
 
 
 @pytest.mark.parametrize(
