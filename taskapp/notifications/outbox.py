@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import queue
 import re
+import threading
 import time
 import uuid
 from email.headerregistry import Address
@@ -40,12 +43,16 @@ class Outbox:
     # After a failed publish, leave the next ones to the sweep for this long: a broker
     # outage under load must not pile up blocked publishing threads.
     PUBLISH_BACKOFF = 5.0
+    # Published per broker connection checkout, and most left waiting for the publisher.
+    BATCH = 100
+    MAX_PENDING = 10_000
 
     def __init__(self, celery: Celery | None, *, enabled: bool = True) -> None:
         self._celery = celery
         self._enabled = enabled
         self._publish_after = float("-inf")
-        self._enqueues: set[asyncio.Task[None]] = set()
+        self._pending: queue.SimpleQueue[uuid.UUID | None] = queue.SimpleQueue()
+        self._publisher: threading.Thread | None = None
 
     async def task_created(
         self, session: AsyncSession, *, task_id: uuid.UUID, owner: str, email: str | None,
@@ -80,19 +87,49 @@ class Outbox:
         # never awaited by the request. A job that is not published is found by the sweep.
         if self._celery is None or time.monotonic() < self._publish_after:
             return
-        task = asyncio.create_task(asyncio.to_thread(self._publish, notification_id))
-        self._enqueues.add(task)
-        task.add_done_callback(self._enqueues.discard)
+        if self._pending.qsize() >= self.MAX_PENDING:
+            return  # the publisher is stuck (a hung broker): the sweep has these rows
+        if self._publisher is None:
+            self._publisher = threading.Thread(
+                target=self._publish_forever, name="taskapp-outbox-publisher", daemon=True
+            )
+            self._publisher.start()
+        self._pending.put(notification_id)
 
-    def _publish(self, notification_id: uuid.UUID) -> None:
+    def _publish_forever(self) -> None:
+        """One thread per process publishes everything, in batches of whatever is waiting.
+
+        A thread per publish made every create pay a thread hand-off and its share of GIL
+        contention; one thread draining a queue pays that once per batch under load.
+        """
+        while True:
+            batch = [self._pending.get()]
+            with contextlib.suppress(queue.Empty):
+                while len(batch) < self.BATCH:
+                    batch.append(self._pending.get_nowait())
+            stop = None in batch
+            self._publish([item for item in batch if item is not None])
+            if stop:
+                return
+
+    def _publish(self, notification_ids: list[uuid.UUID]) -> None:
         assert self._celery is not None
+        if not notification_ids or time.monotonic() < self._publish_after:
+            return
         try:
-            self._celery.send_task(SEND_JOB, args=[str(notification_id)], retry=False)
-        except Exception as exc:  # broker unreachable: the sweep re-enqueues the row later
+            with self._celery.producer_or_acquire() as producer:
+                for notification_id in notification_ids:
+                    self._celery.send_task(
+                        SEND_JOB, args=[str(notification_id)], retry=False, producer=producer
+                    )
+        except Exception as exc:  # broker unreachable: the sweep re-enqueues the rows later
             self._publish_after = time.monotonic() + self.PUBLISH_BACKOFF
-            logger.warning("could not enqueue notification %s: %r", notification_id, exc)
+            logger.warning(
+                "could not enqueue notifications (%d waiting): %r", len(notification_ids), exc
+            )
 
     async def aclose(self) -> None:
         """Wait (briefly) for publishes under way, so a shutdown does not cut them off."""
-        if self._enqueues:
-            await asyncio.wait(self._enqueues, timeout=5)
+        if self._publisher is not None:
+            self._pending.put(None)
+            await asyncio.to_thread(self._publisher.join, 5)
