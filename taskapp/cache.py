@@ -21,6 +21,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
@@ -32,19 +33,18 @@ from taskapp.redis_client import REDIS_FAILURES, RedisBreaker
 logger = logging.getLogger(__name__)
 
 
-# One round trip: the epoch, the scope's generation, and the entry they address.
+# One round trip: the epoch, the scope's generation and the entry they address; on a miss,
+# also the fill lock for that entry ('locked': ours, load it; 'busy': someone else's).
 _LOOKUP = """
 local epoch = redis.call('GET', KEYS[1]) or '0'
 local generation = redis.call('GET', KEYS[2]) or '0'
 local key = ARGV[1] .. epoch .. ':' .. generation .. ':' .. ARGV[2]
-return {key, redis.call('GET', key)}
-"""
-# Before loading: the entry if someone stored it since the lookup, else take the fill lock.
-_CLAIM = """
-local value = redis.call('GET', KEYS[1])
-if value then return {'filled', value} end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'locked'} end
-return {'busy'}
+local value = redis.call('GET', key)
+if value then return {key, value} end
+if redis.call('SET', key .. ':lock', ARGV[3], 'NX', 'PX', ARGV[4]) then
+    return {key, false, 'locked'}
+end
+return {key, false, 'busy'}
 """
 # Store the entry and release the fill lock, if it is still ours.
 _STORE = """
@@ -69,7 +69,6 @@ class ResponseCache:
         self._prefix = f"{key_prefix}cache:"
         self._epoch_key = f"{self._prefix}epoch"
         self._lookup = redis.register_script(_LOOKUP)
-        self._claim = redis.register_script(_CLAIM)
         self._store = redis.register_script(_STORE)
         self._breaker = RedisBreaker(
             logger, "response cache", retry_interval=settings.retry_interval
@@ -90,22 +89,29 @@ class ResponseCache:
             CACHE_REQUESTS.labels("bypass").inc()
             return await load()
         scope_id = _scope_id(scope)
+        token = uuid.uuid4().hex  # names this request as the holder of the fill lock
         try:
-            entry_key, value = await self._call(
+            found = await self._call(
                 "lookup",
                 self._lookup(
                     keys=[self._epoch_key, self._generation_key(scope_id)],
-                    args=[f"{self._prefix}{scope_id}:", key],
+                    args=[
+                        f"{self._prefix}{scope_id}:",
+                        key,
+                        token,
+                        int(self._settings.lock_ttl * 1000),
+                    ],
                 ),
             )
         except _Unavailable:
             CACHE_REQUESTS.labels("bypass").inc()
             return await load()
-        if value is not None:
+        if found[1] is not None:
             CACHE_REQUESTS.labels("hit").inc()
-            return bytes(value)
+            return bytes(found[1])
         CACHE_REQUESTS.labels("miss").inc()
-        return await self._single_flight(entry_key.decode(), load)
+        fill = _Fill(found[0].decode(), token, locked=found[2] == b"locked")
+        return await self._single_flight(fill, load)
 
     async def invalidate(self, *scopes: str) -> None:
         """Make every entry of `scopes` unreachable; call after the change is committed."""
@@ -148,9 +154,10 @@ class ResponseCache:
             self._breaker.failed(exc)
             raise _Unavailable from exc
 
-    async def _single_flight(self, entry_key: str, load: Loader) -> bytes:
+    async def _single_flight(self, fill: _Fill, load: Loader) -> bytes:
         """Concurrent misses of one key share one load: in this process by a future, across
         processes by a short Redis lock that others wait on for a moment."""
+        entry_key = fill.entry_key
         pending = self._inflight.get(entry_key)
         if pending is not None:
             try:
@@ -164,7 +171,7 @@ class ResponseCache:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._inflight[entry_key] = future
         try:
-            value = await self._fill(entry_key, load)
+            value = await self._fill(fill, load)
         except asyncio.CancelledError:
             future.cancel()
             raise
@@ -179,30 +186,22 @@ class ResponseCache:
         finally:
             del self._inflight[entry_key]
 
-    async def _fill(self, entry_key: str, load: Loader) -> bytes:
-        lock_key = entry_key + ":lock"
-        token = uuid.uuid4().hex
-        try:
-            claim = await self._call(
-                "lock",
-                self._claim(
-                    keys=[entry_key, lock_key],
-                    args=[token, int(self._settings.lock_ttl * 1000)],
-                ),
-            )
-            if claim[0] == b"filled":
-                return bytes(claim[1])
-            if claim[0] == b"busy":
-                value = await self._wait_for_fill(entry_key)
-                if value is not None:
-                    return value
-        except _Unavailable:
-            return await load()
+    async def _fill(self, fill: _Fill, load: Loader) -> bytes:
+        if not fill.locked:
+            try:
+                value = await self._wait_for_fill(fill.entry_key)
+            except _Unavailable:
+                return await load()
+            if value is not None:
+                return value
         value = await load()
         with contextlib.suppress(_Unavailable):
             await self._call(
                 "store",
-                self._store(keys=[entry_key, lock_key], args=[value, self._settings.ttl, token]),
+                self._store(
+                    keys=[fill.entry_key, fill.entry_key + ":lock"],
+                    args=[value, self._settings.ttl, fill.token],
+                ),
             )
         return value
 
@@ -231,6 +230,15 @@ class ResponseCache:
             else:
                 self._lost_invalidation = False
                 logger.info("response cache: discarded all entries after a lost invalidation")
+
+
+@dataclass(frozen=True, slots=True)
+class _Fill:
+    """A missed entry, and whether this request holds the lock to fill it."""
+
+    entry_key: str
+    token: str
+    locked: bool
 
 
 class _Unavailable(Exception):
