@@ -13,7 +13,7 @@ from taskapp.db import SessionDep, after_commit
 from taskapp.errors import ForbiddenError, NotFoundError
 from taskapp.notifications.outbox import Outbox
 from taskapp.tasks.models import Task, TaskStatus
-from taskapp.tasks.repository import TaskRepository
+from taskapp.tasks.repository import TaskRepository, TaskRow
 from taskapp.tasks.schemas import TaskCreate, TaskPage, TaskRead, TaskUpdate
 
 TASK_NOT_FOUND = "Task not found"
@@ -34,7 +34,7 @@ def _view(principal: Principal) -> str:
     return ADMIN_VIEW if principal.is_admin else _owner_view(principal.subject)
 
 
-def _json(task: Task) -> bytes:
+def _json(task: Task | TaskRow) -> bytes:
     return TaskRead.model_validate(task).model_dump_json().encode()
 
 
