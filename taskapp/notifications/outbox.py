@@ -13,6 +13,7 @@ import uuid
 from email.headerregistry import Address
 
 from celery import Celery
+from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from taskapp.db import after_commit
@@ -57,30 +58,34 @@ class Outbox:
     async def task_created(
         self, session: AsyncSession, *, task_id: uuid.UUID, owner: str, email: str | None,
         title: str, description: str | None, status: str,
-    ) -> Notification | None:  # fmt: skip
+    ) -> uuid.UUID | None:  # fmt: skip
         if not self._enabled:
             return None
         recipient = usable_address(email)
-        notification = Notification(
-            id=uuid.uuid4(),
-            kind="task_created",
-            task_id=task_id,
-            owner=owner,
-            recipient=recipient,
-            payload={"title": title, "description": description, "status": status},
-            # No usable address: recorded, never sent.
-            status=(NotificationStatus.PENDING if recipient else NotificationStatus.SKIPPED).value,
+        notification_id = uuid.uuid4()
+        await session.execute(
+            insert(Notification).values(
+                id=notification_id,
+                kind="task_created",
+                task_id=task_id,
+                owner=owner,
+                recipient=recipient,
+                payload={"title": title, "description": description, "status": status},
+                # No usable address: recorded, never sent.
+                status=(
+                    NotificationStatus.PENDING if recipient else NotificationStatus.SKIPPED
+                ).value,
+            )
         )
-        session.add(notification)
 
         async def committed() -> None:
             if recipient is None:
                 NOTIFICATIONS.labels("skipped").inc()
             else:
-                self._start_enqueue(notification.id)
+                self._start_enqueue(notification_id)
 
         after_commit(session, committed)
-        return notification
+        return notification_id
 
     def _start_enqueue(self, notification_id: uuid.UUID) -> None:
         # Publishing is blocking I/O and the broker may be down: never on the event loop,

@@ -1,8 +1,9 @@
 """Every query on `tasks`. Flushes, never commits: the request's session dependency does.
 
-Reads run as Core statements built once, with bound parameters, and return plain rows:
-they feed JSON straight away, and skipping ORM compilation and object loading makes a read
-about 130 µs cheaper (measured: ORM ~470 µs, Core ~340 µs per single-row read).
+Queries are Core statements (the reads built once, with bound parameters) returning plain
+rows: they feed JSON straight away, and skipping ORM compilation, the unit of work and
+object loading makes a read about 130 µs cheaper (measured: ORM ~470 µs, Core ~340 µs per
+single-row read).
 """
 
 from __future__ import annotations
@@ -10,15 +11,26 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Select, bindparam, delete, func, select, update
+from sqlalchemy import (
+    ColumnElement,
+    RowMapping,
+    Select,
+    Table,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from taskapp.tasks.models import Task
 
-TaskRow = Mapping[str, Any]
-_TASKS = Task.__table__
+TaskRow = RowMapping
+_TASKS = cast(Table, Task.__table__)
 
 
 def _read_conditions(*, owner: bool, status: bool) -> list[ColumnElement[bool]]:
@@ -54,9 +66,9 @@ def _list_statements(*, owner: bool, status: bool) -> tuple[Select[Any], Select[
 
 def _match(task_id: uuid.UUID, owner: str | None) -> list[ColumnElement[bool]]:
     # With the owner known the planner prunes to a single partition.
-    conditions = [Task.id == task_id]
+    conditions = [_TASKS.c.id == task_id]
     if owner is not None:
-        conditions.append(Task.owner == owner)
+        conditions.append(_TASKS.c.owner == owner)
     return conditions
 
 
@@ -64,10 +76,11 @@ class TaskRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def add(self, task: Task) -> Task:
-        self.session.add(task)
-        await self.session.flush()  # INSERT ... RETURNING fills id-side server defaults
-        return task
+    async def add(self, values: Mapping[str, Any]) -> TaskRow:
+        """Insert a task; the stored row, server defaults (timestamps) included."""
+        result = await self.session.execute(insert(_TASKS).values(**values).returning(_TASKS))
+        row: TaskRow = result.mappings().one()
+        return row
 
     async def get(self, task_id: uuid.UUID, *, owner: str | None) -> TaskRow | None:
         parameters: dict[str, Any] = {"id": task_id}
@@ -92,20 +105,20 @@ class TaskRepository:
 
     async def update(
         self, task_id: uuid.UUID, changes: dict[str, Any], *, owner: str | None
-    ) -> Task | None:
+    ) -> TaskRow | None:
         result = await self.session.execute(
-            update(Task)
+            update(_TASKS)
             .where(*_match(task_id, owner))
             .values(**changes, updated_at=func.now())
-            .returning(Task),
-            execution_options={"synchronize_session": False},
+            .returning(_TASKS)
         )
-        return result.scalar_one_or_none()
+        row: TaskRow | None = result.mappings().one_or_none()
+        return row
 
     async def delete(self, task_id: uuid.UUID, *, owner: str | None) -> str | None:
         """Delete the task; its owner, or None when there was no such task."""
         result = await self.session.execute(
-            delete(Task).where(*_match(task_id, owner)).returning(Task.owner),
-            execution_options={"synchronize_session": False},
+            delete(_TASKS).where(*_match(task_id, owner)).returning(_TASKS.c.owner)
         )
-        return result.scalar_one_or_none()
+        owner_of_deleted: str | None = result.scalar_one_or_none()
+        return owner_of_deleted

@@ -19,9 +19,9 @@ router = APIRouter(prefix="/tasks", tags=["tasks"], responses=error_responses(40
 MAX_PAGE = 1_000_000
 
 
-def json_bytes(body: bytes) -> Response:
+def json_bytes(body: bytes, status_code: int = status.HTTP_200_OK) -> Response:
     """A JSON response from bytes serialized (and perhaps cached) by the service."""
-    return Response(content=body, media_type=JSONResponse.media_type)
+    return Response(content=body, status_code=status_code, media_type=JSONResponse.media_type)
 
 
 @router.post(
@@ -32,9 +32,9 @@ def json_bytes(body: bytes) -> Response:
 )
 async def create_task(
     body: TaskCreate, principal: UserPrincipal, service: TaskServiceDep
-) -> object:
+) -> Response:
     """Create a task owned by the caller."""
-    return await service.create(principal, body)
+    return json_bytes(await service.create(principal, body), status.HTTP_201_CREATED)
 
 
 @router.get("", response_model=TaskPage)
@@ -56,7 +56,9 @@ async def list_tasks(
 
 
 @router.get("/{task_id}", response_model=TaskRead, responses=error_responses(404))
-async def get_task(task_id: uuid.UUID, principal: UserPrincipal, service: TaskServiceDep) -> object:
+async def get_task(
+    task_id: uuid.UUID, principal: UserPrincipal, service: TaskServiceDep
+) -> Response:
     """Read one task."""
     return json_bytes(await service.get(principal, task_id))
 
@@ -64,9 +66,9 @@ async def get_task(task_id: uuid.UUID, principal: UserPrincipal, service: TaskSe
 @router.patch("/{task_id}", response_model=TaskRead, responses=error_responses(400, 404, 413))
 async def update_task(
     task_id: uuid.UUID, body: TaskUpdate, principal: UserPrincipal, service: TaskServiceDep
-) -> object:
+) -> Response:
     """Change any of a task's title, description and status."""
-    return await service.update(principal, task_id, body)
+    return json_bytes(await service.update(principal, task_id, body))
 
 
 @router.delete("/{task_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(404))

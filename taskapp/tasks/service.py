@@ -12,7 +12,7 @@ from taskapp.cache import ResponseCache
 from taskapp.db import SessionDep, after_commit
 from taskapp.errors import ForbiddenError, NotFoundError
 from taskapp.notifications.outbox import Outbox
-from taskapp.tasks.models import Task, TaskStatus
+from taskapp.tasks.models import TaskStatus
 from taskapp.tasks.repository import TaskRepository, TaskRow
 from taskapp.tasks.schemas import TaskCreate, TaskPage, TaskRead, TaskUpdate
 
@@ -34,7 +34,7 @@ def _view(principal: Principal) -> str:
     return ADMIN_VIEW if principal.is_admin else _owner_view(principal.subject)
 
 
-def _json(task: Task | TaskRow) -> bytes:
+def _json(task: TaskRow) -> bytes:
     return TaskRead.model_validate(task).model_dump_json().encode()
 
 
@@ -46,27 +46,28 @@ class TaskService:
         self.cache = cache
         self.outbox = outbox
 
-    async def create(self, principal: Principal, data: TaskCreate) -> Task:
-        task = Task(
-            id=uuid.uuid4(),
-            owner=principal.subject,
-            title=data.title,
-            description=data.description,
-            status=data.status.value,
+    async def create(self, principal: Principal, data: TaskCreate) -> bytes:
+        task = await self.repository.add(
+            {
+                "id": uuid.uuid4(),
+                "owner": principal.subject,
+                "title": data.title,
+                "description": data.description,
+                "status": data.status.value,
+            }
         )
-        task = await self.repository.add(task)
         # Same transaction: the e-mail exists exactly when the task does.
         await self.outbox.task_created(
             self.repository.session,
-            task_id=task.id,
-            owner=task.owner,
+            task_id=task["id"],
+            owner=task["owner"],
             email=principal.email,
-            title=task.title,
-            description=task.description,
-            status=task.status,
+            title=task["title"],
+            description=task["description"],
+            status=task["status"],
         )
-        self._invalidate_after_commit(task.owner)
-        return task
+        self._invalidate_after_commit(task["owner"])
+        return _json(task)
 
     async def list(
         self,
@@ -109,12 +110,12 @@ class TaskService:
 
         return await self.cache.get_or_load(_view(principal), f"task:{task_id}", load)
 
-    async def update(self, principal: Principal, task_id: uuid.UUID, data: TaskUpdate) -> Task:
+    async def update(self, principal: Principal, task_id: uuid.UUID, data: TaskUpdate) -> bytes:
         task = await self.repository.update(task_id, data.changes(), owner=_scope(principal))
         if task is None:
             raise NotFoundError(TASK_NOT_FOUND)
-        self._invalidate_after_commit(task.owner)
-        return task
+        self._invalidate_after_commit(task["owner"])
+        return _json(task)
 
     async def delete(self, principal: Principal, task_id: uuid.UUID) -> None:
         owner = await self.repository.delete(task_id, owner=_scope(principal))
