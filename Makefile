@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format clean
+.PHONY: install run test bench lint format clean
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ run: install
 ## The full test suite against real PostgreSQL and Redis (local ones if they answer, else embedded).
 test: install
 	$(BIN)/pytest
+
+## Load benchmark (needs wrk): seeds 1M tasks, serves them as production does, prints the table.
+## BENCH_ARGS="--quick" for a smoke run; `.venv/bin/python -m bench --help` lists the options.
+bench: install
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

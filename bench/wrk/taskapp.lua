@@ -1,0 +1,101 @@
+-- wrk script for the taskapp benchmark: wrk ... -s taskapp.lua URL -- SCENARIO USERS_FILE [SIZE]
+--
+-- USERS_FILE has one line per user: token <TAB> pages of 10 tasks <TAB> comma-separated task ids.
+-- Scenarios: hot (page 1, first user), list (random user, any of their pages, the last
+-- included), get, create, patch, mixed (40% list, 40% get, 10% create, 10% patch),
+-- ceiling (the fixed body of SIZE bytes, first user).
+-- done() prints one JSON line: requests, duration, latency percentiles (microseconds), errors.
+
+local users = {}
+local scenario
+local ceiling_path
+local counter = 0
+local statuses = { "pending", "in_progress", "completed" }
+
+local function split(s, sep)
+  local out = {}
+  for part in string.gmatch(s, "([^" .. sep .. "]+)") do
+    out[#out + 1] = part
+  end
+  return out
+end
+
+local threads = {}
+
+function setup(thread)
+  thread:set("tid", #threads + 1)
+  threads[#threads + 1] = thread
+end
+
+function init(args)
+  scenario = args[1]
+  ceiling_path = "/bench/ceiling?size=" .. (args[3] or "64")
+  for line in io.lines(args[2]) do
+    local fields = split(line, "\t")
+    users[#users + 1] = {
+      auth = "Bearer " .. fields[1],
+      pages = tonumber(fields[2]),
+      ids = fields[3] and split(fields[3], ",") or {},
+    }
+  end
+  math.randomseed(os.time() * 100 + (tid or 0))
+end
+
+local function list(user)
+  local page = math.random(user.pages)
+  return wrk.format("GET", "/tasks?page=" .. page .. "&page_size=10", { Authorization = user.auth })
+end
+
+local function get(user)
+  return wrk.format("GET", "/tasks/" .. user.ids[math.random(#user.ids)], { Authorization = user.auth })
+end
+
+local function create(user)
+  counter = counter + 1
+  local body = '{"title":"Bench task ' .. counter .. '","description":"Created under load","status":"pending"}'
+  return wrk.format("POST", "/tasks", { Authorization = user.auth, ["Content-Type"] = "application/json" }, body)
+end
+
+local function patch(user)
+  local body = '{"status":"' .. statuses[math.random(3)] .. '"}'
+  local headers = { Authorization = user.auth, ["Content-Type"] = "application/json" }
+  return wrk.format("PATCH", "/tasks/" .. user.ids[math.random(#user.ids)], headers, body)
+end
+
+function request()
+  if scenario == "hot" then
+    return wrk.format("GET", "/tasks?page=1&page_size=10", { Authorization = users[1].auth })
+  elseif scenario == "ceiling" then
+    return wrk.format("GET", ceiling_path, { Authorization = users[1].auth })
+  end
+  local user = users[math.random(#users)]
+  if scenario == "list" then
+    return list(user)
+  elseif scenario == "get" then
+    return get(user)
+  elseif scenario == "create" then
+    return create(user)
+  elseif scenario == "patch" then
+    return patch(user)
+  end
+  local roll = math.random(10)
+  if roll <= 4 then
+    return list(user)
+  elseif roll <= 8 then
+    return get(user)
+  elseif roll == 9 then
+    return create(user)
+  end
+  return patch(user)
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests":%d,"duration_us":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,'
+      .. '"errors":{"connect":%d,"read":%d,"write":%d,"timeout":%d,"status":%d}}\n',
+    summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
+    e.connect, e.read, e.write, e.timeout, e.status
+  ))
+end
