@@ -90,14 +90,20 @@ async def _explain(connection: AsyncConnection, scenario: str, call: Call) -> li
 
 
 async def explain_scenarios(
-    database_url: str, *, owner: str, deep_offset: int, task_id: str
+    database_url: str, *, owner: str, deep_offset: int, task_id: str, small: bool = False
 ) -> list[Plan]:
-    """Plans of scenario 2 (a deep page of a heavy owner), 3 (read by id) and 5 (update)."""
+    """Plans of scenario 2 (a deep page of a heavy owner), 3 (read by id) and 5 (update).
+
+    `small`: a test-sized table, where a sequential scan is rightly cheapest; the planner is
+    then asked whether an index serves.
+    """
     engine = create_async_engine(database_url)
     identifier = uuid.UUID(task_id)
     try:
         async with engine.connect() as connection:
             await connection.begin()
+            if small:
+                await connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
             plans = await _explain(
                 connection,
                 "2 list (deep page)",
