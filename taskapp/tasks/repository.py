@@ -18,6 +18,7 @@ from sqlalchemy import (
     RowMapping,
     Select,
     Table,
+    and_,
     bindparam,
     delete,
     func,
@@ -53,13 +54,24 @@ def _get_statement(*, owner: bool) -> Select[Any]:
 @cache
 def _list_statements(*, owner: bool, status: bool) -> tuple[Select[Any], Select[Any]]:
     conditions = _read_conditions(owner=owner, status=status)
+    newest_first = (_TASKS.c.created_at.desc(), _TASKS.c.id.desc())
     count = select(func.count()).select_from(_TASKS).where(*conditions)
-    page = (
-        select(_TASKS)
+    # Deferred join: the offset is walked in the index alone (an index-only scan of the
+    # sort keys), and only the page's own rows are read from the table. Skipping rows of a
+    # plain `SELECT * ... OFFSET n` fetches every skipped row, so deep pages cost far more.
+    keys = (
+        select(_TASKS.c.owner, _TASKS.c.id)
         .where(*conditions)
-        .order_by(_TASKS.c.created_at.desc(), _TASKS.c.id.desc())
+        .order_by(*newest_first)
         .offset(bindparam("offset"))
         .limit(bindparam("limit"))
+        .subquery("page_keys")
+    )
+    page = (
+        select(_TASKS)
+        .join(keys, and_(_TASKS.c.owner == keys.c.owner, _TASKS.c.id == keys.c.id))
+        .where(*_read_conditions(owner=owner, status=False))  # prunes the outer scan too
+        .order_by(*newest_first)
     )
     return count, page
 
