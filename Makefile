@@ -32,7 +32,7 @@ bench: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy taskapp tests
+	$(BIN)/mypy taskapp tests bench
 
 format: install
 	$(BIN)/ruff format .
