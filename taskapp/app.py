@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -87,6 +88,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     try:
         async with probing(engine):
+            if settings.gc_freeze:
+                _freeze_startup_objects()
             yield
     finally:
         await outbox.aclose()
@@ -118,6 +121,18 @@ def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
                     operation["security"].append({"oidc": ["openid"]})
     app.openapi_schema = schema
     return schema
+
+
+def _freeze_startup_objects() -> None:
+    """Keep what exists after startup out of every later collection, and collect less often.
+
+    A full collection otherwise walks every module, route, model and client object of the
+    process: tens of milliseconds in which no request moves. Requests make mostly acyclic
+    garbage, freed by reference counting; a larger first threshold suits that.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 50, 100)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -266,6 +266,10 @@ class Settings(BaseSettings):
     # Largest accepted request body. A task is at most ~10,000 characters of description,
     # which JSON escaping can make ~120 KB; anything far beyond is refused unread.
     max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 256 * 1024
+    # Once started, move every object alive into the garbage collector's permanent
+    # generation and collect less often: full collections no longer walk the framework's
+    # long-lived objects (measured p99 at 32 connections: 69 ms -> 14 ms, cached list).
+    gc_freeze: bool = True
 
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)

@@ -112,7 +112,8 @@ def make_settings(database_url: str, redis_url: str, oidc: OIDCProvider) -> Sett
                     **(ratelimit or {}),
                 },
             ),
-            **top,
+            # Many apps start in one test process: nothing of theirs should become permanent.
+            **{"gc_freeze": False, **top},
         )
 
     return make
