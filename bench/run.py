@@ -121,14 +121,14 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
 def _users_file(
     path: Path, provider: OIDCProvider, dataset: Dataset, count: int
 ) -> tuple[str, int]:
-    """Tokens of the hot owner, the heavy owners and a random sample of the rest."""
+    """Tokens of the hot owner and a uniform sample of the others (every owner when `count`
+    covers them all): heavy owners take their share of the traffic, no more."""
     rng = random.Random(2)
     hot = next(
         o for o, size in zip(dataset.owners, dataset.sizes, strict=True) if 50 <= size <= 500
     )
-    heavy = [o for o, size in zip(dataset.owners, dataset.sizes, strict=True) if size >= 10_000]
-    rest = [o for o in dataset.owners if o != hot and o not in heavy]
-    chosen = [hot, *heavy, *rng.sample(rest, min(len(rest), max(0, count - 1 - len(heavy))))]
+    rest = [o for o in dataset.owners if o != hot]
+    chosen = [hot, *rng.sample(rest, min(len(rest), max(0, count - 1)))]
     sizes = dict(zip(dataset.owners, dataset.sizes, strict=True))
     expires = int(time.time()) + 12 * 3600
     with path.open("w") as out:
