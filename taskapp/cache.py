@@ -52,6 +52,11 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
 """
 
+# Give the fill lock up, if it is still ours.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+"""
+
 Loader = Callable[[], Awaitable[bytes]]
 
 
@@ -70,6 +75,7 @@ class ResponseCache:
         self._epoch_key = f"{self._prefix}epoch"
         self._lookup = redis.register_script(_LOOKUP)
         self._store = redis.register_script(_STORE)
+        self._release = redis.register_script(_RELEASE)
         self._breaker = RedisBreaker(
             logger, "response cache", retry_interval=settings.retry_interval
         )
@@ -159,6 +165,10 @@ class ResponseCache:
         processes by a short Redis lock that others wait on for a moment."""
         entry_key = fill.entry_key
         pending = self._inflight.get(entry_key)
+        if pending is not None and fill.locked:
+            # The lookups came back out of order: the local leader missed the lock and is
+            # waiting for whoever holds it, which is this request. Load, as the holder.
+            return await self._fill(fill, load)
         if pending is not None:
             try:
                 return await asyncio.shield(pending)
@@ -194,7 +204,16 @@ class ResponseCache:
                 return await load()
             if value is not None:
                 return value
-        value = await load()
+        try:
+            value = await load()
+        except Exception:
+            if fill.locked:  # nothing to wait for (a 404, the database down): say so at once
+                with contextlib.suppress(_Unavailable):
+                    await self._call(
+                        "release",
+                        self._release(keys=[fill.entry_key + ":lock"], args=[fill.token]),
+                    )
+            raise
         with contextlib.suppress(_Unavailable):
             await self._call(
                 "store",

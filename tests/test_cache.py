@@ -306,3 +306,42 @@ async def test_waiters_load_themselves_when_the_loading_request_is_cancelled(
     assert loads == ["leader", "waiter"]
     with contextlib.suppress(asyncio.CancelledError):
         await leader
+
+
+async def test_the_lock_holder_loads_even_when_a_local_waiter_was_first(app: FastAPI):
+    """Two misses in one process whose lookups return out of order: the one that holds the
+    fill lock must load at once, not wait on the local waiter that waits for the lock."""
+    from taskapp.cache import _Fill
+
+    cache = app.state.cache
+    loads: list[str] = []
+
+    async def load() -> bytes:
+        loads.append("load")
+        return b"value"
+
+    entry_key = f"{cache._prefix}out-of-order:{uuid.uuid4()}"
+    token = uuid.uuid4().hex
+    await cache._redis.set(entry_key + ":lock", token, px=2000)  # the holder's claim
+    started = time.monotonic()
+    waiter = asyncio.create_task(cache._single_flight(_Fill(entry_key, "other", False), load))
+    await asyncio.sleep(0.02)  # the waiter is the local leader now, polling for the entry
+    holder = await cache._single_flight(_Fill(entry_key, token, True), load)
+    assert holder == b"value"
+    assert await asyncio.wait_for(waiter, 1) == b"value"
+    assert time.monotonic() - started < 0.3  # not the 500 ms lock wait
+    assert loads == ["load"]
+    assert await cache._redis.get(entry_key + ":lock") is None  # released by the store
+
+
+async def test_a_failed_load_releases_the_fill_lock(client: httpx.AsyncClient, app: FastAPI, oidc):
+    """A miss that ends in 404 must not leave others waiting on its lock."""
+    alice = oidc.auth("alice")
+    task_id = uuid.uuid4()
+    missing = f"/tasks/{task_id}"
+    assert (await client.get(missing, headers=alice)).status_code == 404
+    pattern = f"{app.state.cache._prefix}*task:{task_id}:lock"
+    assert [key async for key in app.state.cache._redis.scan_iter(match=pattern)] == []
+    started = time.monotonic()
+    assert (await client.get(missing, headers=alice)).status_code == 404
+    assert time.monotonic() - started < 0.3
