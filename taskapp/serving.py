@@ -17,9 +17,11 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sys
 from unittest import mock
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import multiprocess
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
@@ -68,7 +70,12 @@ class _OwnListenerProcess(Process):
     def target(self, sockets: list[socket.socket] | None = None) -> None:
         for inherited in sockets or []:
             inherited.close()
-        own = reuseport_socket(self.config.host, self.config.port)
+        try:
+            own = reuseport_socket(self.config.host, self.config.port)
+        except OSError as exc:
+            logger.error("cannot listen on %s:%d: %s", self.config.host, self.config.port, exc)
+            # The supervisor stops instead of restarting a worker that can never start.
+            sys.exit(STARTUP_FAILURE)
         super().target([own])
 
 
@@ -79,10 +86,18 @@ def run_workers(config: uvicorn.Config) -> None:
     connection waiting in the queue; long-lived keep-alive connections (a proxy's, a load
     generator's) then pile onto one worker while the others idle. Here every worker listens
     on its own SO_REUSEPORT socket and the kernel spreads new connections across them.
-    The parent holds a bound, never-listening socket on the port, so a port in use fails at
-    start, as before.
+    The parent holds a bound, never-listening socket on the port, so a port taken by a
+    plain listener fails at start, as before (port 0 picks one port for all workers).
+
+    What SO_REUSEPORT changes: another process of the same user that also sets it (a second
+    `taskapp serve` on the same port) is let in and shares the traffic instead of failing;
+    connections still queued on a worker's own listener when that worker exits are reset
+    (Linux >= 5.14 hands them to the others with `net.ipv4.tcp_migrate_req=1`).
     """
+    if config.uds or config.fd is not None:
+        raise ValueError("per-worker listeners are for TCP host/port only")
     reservation = reuseport_socket(config.host, config.port)
+    config.port = reservation.getsockname()[1]
     logger.info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", config.host, config.port)
     with contextlib.ExitStack() as stack:
         stack.callback(reservation.close)

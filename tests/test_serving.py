@@ -26,7 +26,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from taskapp.serving import HTTP_PROTOCOL, NoDelayHttpToolsProtocol
-from tests.fixtures.processes import TASKAPP, clean_env, running_server
+from tests.fixtures.processes import TASKAPP, clean_env, running_server, start, stop
 from tests.fixtures.services import free_port
 
 
@@ -229,3 +229,32 @@ def test_serve_reports_a_port_in_use(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert f"cannot listen on 0.0.0.0:{port}: Address already in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+def test_serve_on_port_zero_gives_every_worker_the_same_port(
+    tmp_path: Path, database_url: str, redis_url: str, oidc: Any
+) -> None:
+    env = clean_env(
+        TASKAPP_DATA_DIR=str(tmp_path),
+        TASKAPP_DATABASE_URL=database_url,
+        TASKAPP_REDIS_URL=redis_url,
+        TASKAPP_OIDC_ISSUER=oidc.issuer,
+    )
+    process = start(["serve", "--workers", "2", "--port", "0"], env, tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        port = None
+        while port is None or len(_socket_owners("listening", port)) < 2:
+            log = (tmp_path / "server.log").read_text()
+            assert process.poll() is None, log
+            assert time.monotonic() < deadline, log
+            found = re.search(
+                r"running on http://[\d.]+:(\d+)", (tmp_path / "server.log").read_text()
+            )
+            port = int(found.group(1)) if found else None
+            time.sleep(0.1)
+        assert port != 0
+        assert len(set(_socket_owners("listening", port))) == 2
+    finally:
+        stop(process)
