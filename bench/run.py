@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import psycopg
@@ -419,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine,
             "settings": {
                 k: v for k, v in vars(args).items() if k not in {"env"}
-            } | {"server_env": {k: v for k, v in env.items() if "TOKEN" not in k}},
+            } | {"server_env": _shareable(env)},
             "dataset": {"rows": dataset.rows, "owners": len(dataset.owners),
                         "largest_owner": max(dataset.sizes), "seed_seconds": round(seeded, 1)},
             "plans": [asdict(plan) | {"ok": plan.ok} for plan in plans],
@@ -436,6 +437,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _shareable(env: dict[str, str]) -> dict[str, str]:
+    """The server settings fit for a results file: no token, no password in a URL."""
+    shown = {}
+    for name, value in env.items():
+        if "TOKEN" in name or "PASSWORD" in name or "SECRET" in name:
+            continue
+        if "://" in value:
+            parts = urlsplit(value)
+            if parts.password:
+                host = parts.netloc.rsplit("@", 1)[1]
+                value = urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+        shown[name] = value
+    return shown
 
 
 def _forget_keys(redis_url: str, prefix: str) -> None:
