@@ -26,6 +26,7 @@ from taskapp.config import (
 from taskapp.db import upgrade_database
 from taskapp.embedded import embedded_postgres
 from tests.fixtures.oidc import OIDCProvider, serve_provider
+from tests.fixtures.processes import clean_env
 from tests.fixtures.services import postgres_server, redis_server, scratch_database
 
 
@@ -57,6 +58,19 @@ def database_url(postgres_admin_url: str) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def oidc() -> Iterator[OIDCProvider]:
     yield from serve_provider()
+
+
+@pytest.fixture
+def serve_env(
+    tmp_path: Path, database_url: str, redis_url: str, oidc: OIDCProvider
+) -> dict[str, str]:
+    """The environment of a `taskapp serve` process on this session's services."""
+    return clean_env(
+        TASKAPP_DATA_DIR=str(tmp_path),
+        TASKAPP_DATABASE_URL=database_url,
+        TASKAPP_REDIS_URL=redis_url,
+        TASKAPP_OIDC_ISSUER=oidc.issuer,
+    )
 
 
 @pytest.fixture

@@ -116,17 +116,9 @@ def test_serve_refuses_to_start_without_an_issuer(tmp_path, env, message):
     assert message in result.stderr
 
 
-def test_serve_uses_the_configured_provider_and_never_the_dev_key(
-    tmp_path, database_url, redis_url, oidc
-):
+def test_serve_uses_the_configured_provider_and_never_the_dev_key(tmp_path, serve_env, oidc):
     port = free_port()
-    env = clean_env(
-        TASKAPP_DATA_DIR=str(tmp_path),
-        TASKAPP_DATABASE_URL=database_url,
-        TASKAPP_REDIS_URL=redis_url,
-        TASKAPP_OIDC_ISSUER=oidc.issuer,
-        TASKAPP_OIDC_TRUST_DEV_KEY="true",
-    )
+    env = {**serve_env, "TASKAPP_OIDC_TRUST_DEV_KEY": "true"}
     load_or_create_dev_key(tmp_path)
     dev_token = _token(tmp_path, "--sub", "mallory", "--roles", "admin")
     with running_server(["serve", "--workers", "2"], env, port, tmp_path):

@@ -174,17 +174,11 @@ def _socket_owners(state: str, port: int) -> list[int]:
 
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
 def test_serve_spreads_a_burst_of_keepalive_connections_over_the_workers(
-    tmp_path: Path, database_url: str, redis_url: str, oidc: Any
+    tmp_path: Path, serve_env: dict[str, str]
 ) -> None:
     port = free_port()
-    env = clean_env(
-        TASKAPP_DATA_DIR=str(tmp_path),
-        TASKAPP_DATABASE_URL=database_url,
-        TASKAPP_REDIS_URL=redis_url,
-        TASKAPP_OIDC_ISSUER=oidc.issuer,
-    )
     with (
-        running_server(["serve", "--workers", "2"], env, port, tmp_path),
+        running_server(["serve", "--workers", "2"], serve_env, port, tmp_path),
         contextlib.ExitStack() as stack,
     ):
         # Healthy means one worker is up; wait for the other's listener too.
@@ -233,15 +227,9 @@ def test_serve_reports_a_port_in_use(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
 def test_serve_on_port_zero_gives_every_worker_the_same_port(
-    tmp_path: Path, database_url: str, redis_url: str, oidc: Any
+    tmp_path: Path, serve_env: dict[str, str]
 ) -> None:
-    env = clean_env(
-        TASKAPP_DATA_DIR=str(tmp_path),
-        TASKAPP_DATABASE_URL=database_url,
-        TASKAPP_REDIS_URL=redis_url,
-        TASKAPP_OIDC_ISSUER=oidc.issuer,
-    )
-    process = start(["serve", "--workers", "2", "--port", "0"], env, tmp_path)
+    process = start(["serve", "--workers", "2", "--port", "0"], serve_env, tmp_path)
     try:
         deadline = time.monotonic() + 30
         port = None
