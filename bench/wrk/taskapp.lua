@@ -1,12 +1,20 @@
--- wrk script for the taskapp benchmark: wrk ... -s taskapp.lua URL -- SCENARIO USERS_FILE [SIZE]
+-- wrk script for the taskapp benchmark:
+--   wrk -tN -cN ... -s taskapp.lua URL -- SCENARIO USERS_FILE SIZE N
 --
 -- USERS_FILE has one line per user: token <TAB> pages of 10 tasks <TAB> comma-separated task ids.
 -- Scenarios: hot (page 1, first user), list (random user, any of their pages, the last
 -- included), get, create, patch, mixed (40% list, 40% get, 10% create, 10% patch),
--- ceiling (the fixed body of SIZE bytes, first user).
+-- ceiling (the fixed body of SIZE bytes, first user), tokens (the ceiling, for each of the
+-- thread's users in turn: every token presented once, as a client's first request does).
+--
+-- A user is a client: wrk thread k (of N) sends only users k, k + N, k + 2N, ... over its
+-- own connections, so a user's requests stay on one keep-alive connection, hence on one
+-- server worker, as a real client's do.
 -- done() prints one JSON line: requests, duration, latency percentiles (microseconds), errors.
 
 local users = {}
+local first_auth
+local next_user = 0
 local scenario
 local ceiling_path
 local counter = 0
@@ -30,13 +38,19 @@ end
 function init(args)
   scenario = args[1]
   ceiling_path = "/bench/ceiling?size=" .. (args[3] or "64")
+  local nthreads = tonumber(args[4] or "1")
+  local index = 0
   for line in io.lines(args[2]) do
     local fields = split(line, "\t")
-    users[#users + 1] = {
-      auth = "Bearer " .. fields[1],
-      pages = tonumber(fields[2]),
-      ids = fields[3] and split(fields[3], ",") or {},
-    }
+    first_auth = first_auth or ("Bearer " .. fields[1])
+    if index % nthreads == (tid or 1) - 1 then
+      users[#users + 1] = {
+        auth = "Bearer " .. fields[1],
+        pages = tonumber(fields[2]),
+        ids = fields[3] and split(fields[3], ",") or {},
+      }
+    end
+    index = index + 1
   end
   math.randomseed(os.time() * 100 + (tid or 0))
 end
@@ -64,9 +78,12 @@ end
 
 function request()
   if scenario == "hot" then
-    return wrk.format("GET", "/tasks?page=1&page_size=10", { Authorization = users[1].auth })
+    return wrk.format("GET", "/tasks?page=1&page_size=10", { Authorization = first_auth })
   elseif scenario == "ceiling" then
-    return wrk.format("GET", ceiling_path, { Authorization = users[1].auth })
+    return wrk.format("GET", ceiling_path, { Authorization = first_auth })
+  elseif scenario == "tokens" then
+    next_user = next_user % #users + 1
+    return wrk.format("GET", ceiling_path, { Authorization = users[next_user].auth })
   end
   local user = users[math.random(#users)]
   if scenario == "list" then
