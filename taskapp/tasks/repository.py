@@ -24,6 +24,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    true,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -52,10 +53,12 @@ def _get_statement(*, owner: bool) -> Select[Any]:
 
 
 @cache
-def _list_statements(*, owner: bool, status: bool) -> tuple[Select[Any], Select[Any]]:
+def _list_statement(*, owner: bool, status: bool) -> Select[Any]:
+    """One round trip for a page: the matching count, left-joined to the page's rows, so
+    there is one row (with NULL task columns) even when the page is empty."""
     conditions = _read_conditions(owner=owner, status=status)
     newest_first = (_TASKS.c.created_at.desc(), _TASKS.c.id.desc())
-    count = select(func.count()).select_from(_TASKS).where(*conditions)
+    total = select(func.count().label("total")).select_from(_TASKS).where(*conditions)
     # Deferred join: the offset is walked in the index alone (an index-only scan of the
     # sort keys), and only the page's own rows are read from the table. Skipping rows of a
     # plain `SELECT * ... OFFSET n` fetches every skipped row, so deep pages cost far more.
@@ -71,9 +74,14 @@ def _list_statements(*, owner: bool, status: bool) -> tuple[Select[Any], Select[
         select(_TASKS)
         .join(keys, and_(_TASKS.c.owner == keys.c.owner, _TASKS.c.id == keys.c.id))
         .where(*_read_conditions(owner=owner, status=False))  # prunes the outer scan too
-        .order_by(*newest_first)
+        .subquery("page")
     )
-    return count, page
+    counted = total.subquery("counted")
+    return (
+        select(counted.c.total, page)
+        .select_from(counted.outerjoin(page, true()))
+        .order_by(page.c.created_at.desc(), page.c.id.desc())
+    )
 
 
 def _match(task_id: uuid.UUID, owner: str | None) -> list[ColumnElement[bool]]:
@@ -105,15 +113,14 @@ class TaskRepository:
     async def list(
         self, *, owner: str | None, status: str | None, offset: int, limit: int
     ) -> tuple[int, Sequence[TaskRow]]:
-        count, page = _list_statements(owner=owner is not None, status=status is not None)
-        parameters: dict[str, Any] = {}
+        parameters: dict[str, Any] = {"offset": offset, "limit": limit}
         if owner is not None:
             parameters["owner"] = owner
         if status is not None:
             parameters["status"] = status
-        total = (await self.session.execute(count, parameters)).scalar_one()
-        rows = await self.session.execute(page, {**parameters, "offset": offset, "limit": limit})
-        return total, rows.mappings().all()
+        statement = _list_statement(owner=owner is not None, status=status is not None)
+        rows = (await self.session.execute(statement, parameters)).mappings().all()
+        return rows[0]["total"], [row for row in rows if row["id"] is not None]
 
     async def update(
         self, task_id: uuid.UUID, changes: dict[str, Any], *, owner: str | None

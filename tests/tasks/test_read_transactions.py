@@ -42,5 +42,5 @@ async def test_reads_run_outside_a_transaction_and_writes_inside_one(client, app
     with in_transaction_after_each_statement(app.state.engine) as seen:
         assert (await client.get("/tasks", headers=alice)).status_code == 200
         assert (await client.get(f"/tasks/{task_id}", headers=alice)).status_code == 200
-    assert len(seen) >= 3  # count, page, one task
+    assert len(seen) >= 2  # a page (count included), one task
     assert not any(inside for _, inside in seen), seen
