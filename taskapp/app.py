@@ -28,7 +28,12 @@ from taskapp.observability.health import router as health_router
 from taskapp.observability.http import HTTPMetricsMiddleware
 from taskapp.observability.logging import configure_logging
 from taskapp.observability.requestid import RequestIdMiddleware
-from taskapp.ratelimit import RateLimiter, RateLimitMiddleware
+from taskapp.ratelimit import (
+    RateLimiter,
+    RateLimitMiddleware,
+    RateLimitRefusedError,
+    refused_handler,
+)
 from taskapp.redis_client import create_redis
 from taskapp.tasks.router import router as tasks_router
 
@@ -160,9 +165,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
     install_error_handlers(app)
+    app.add_exception_handler(RateLimitRefusedError, refused_handler)
     # Added last = outermost: the request id covers everything; the rate limit (which
     # authenticates) comes before the body cap, so even a 413 is counted and carries the
-    # RateLimit-* headers; both run before any route or body parsing.
+    # RateLimit-* headers. A write is counted before any route or body parsing; a read by
+    # its first Redis call, at the latest before any database work (see taskapp.ratelimit).
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RateLimitMiddleware, settings=settings.ratelimit)
     app.add_middleware(HTTPMetricsMiddleware)

@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 
 from taskapp.config import CacheSettings
 from taskapp.observability.metrics import CACHE_ERRORS, CACHE_REQUESTS
+from taskapp.ratelimit import GCRA_FUNCTION, RateLimitCheck, RateLimitRefusedError, gcra_arguments
 from taskapp.redis_client import REDIS_FAILURES, RedisBreaker
 
 logger = logging.getLogger(__name__)
@@ -35,17 +36,33 @@ logger = logging.getLogger(__name__)
 
 # One round trip: the epoch, the scope's generation and the entry they address; on a miss,
 # also the fill lock for that entry ('locked': ours, load it; 'busy': someone else's).
-_LOOKUP = """
-local epoch = redis.call('GET', KEYS[1]) or '0'
-local generation = redis.call('GET', KEYS[2]) or '0'
-local key = ARGV[1] .. epoch .. ':' .. generation .. ':' .. ARGV[2]
-local value = redis.call('GET', key)
-if value then return {key, value} end
-if redis.call('SET', key .. ':lock', ARGV[3], 'NX', 'PX', ARGV[4]) then
+_LOOKUP_FUNCTION = """
+local function lookup()
+  local epoch = redis.call('GET', KEYS[1]) or '0'
+  local generation = redis.call('GET', KEYS[2]) or '0'
+  local key = ARGV[1] .. epoch .. ':' .. generation .. ':' .. ARGV[2]
+  local value = redis.call('GET', key)
+  if value then return {key, value, false} end
+  if redis.call('SET', key .. ':lock', ARGV[3], 'NX', 'PX', ARGV[4]) then
     return {key, false, 'locked'}
+  end
+  return {key, false, 'busy'}
 end
-return {key, false, 'busy'}
 """
+_LOOKUP = _LOOKUP_FUNCTION + "return lookup()"
+# The same, after counting the request against its rate-limit bucket (KEYS[3]), so a read
+# pays one round trip for both; a refused request looks nothing up.
+_CHECKED_LOOKUP = (
+    GCRA_FUNCTION
+    + _LOOKUP_FUNCTION
+    + """
+local decision = gcra(KEYS[3], tonumber(ARGV[5]), tonumber(ARGV[6]))
+if decision[1] == 0 then return {false, false, false, decision} end
+local found = lookup()
+found[4] = decision
+return found
+"""
+)
 # Store the entry and release the fill lock, if it is still ours.
 _STORE = """
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
@@ -74,6 +91,7 @@ class ResponseCache:
         self._prefix = f"{key_prefix}cache:"
         self._epoch_key = f"{self._prefix}epoch"
         self._lookup = redis.register_script(_LOOKUP)
+        self._checked_lookup = redis.register_script(_CHECKED_LOOKUP)
         self._store = redis.register_script(_STORE)
         self._release = redis.register_script(_RELEASE)
         self._breaker = RedisBreaker(
@@ -87,31 +105,49 @@ class ResponseCache:
     def enabled(self) -> bool:
         return self._settings.enabled
 
-    async def get_or_load(self, scope: str, key: str, load: Loader) -> bytes:
-        """The cached bytes for `key` in `scope`, or `load()`'s result, cached."""
+    async def get_or_load(
+        self, scope: str, key: str, load: Loader, *, rate_check: RateLimitCheck | None = None
+    ) -> bytes:
+        """The cached bytes for `key` in `scope`, or `load()`'s result, cached.
+
+        A `rate_check` not yet settled is settled by the lookup itself (one round trip for
+        both); a refused request raises `RateLimitRefusedError` and loads nothing.
+        """
         if not self._settings.enabled:
             return await load()
         if not self._available():
             CACHE_REQUESTS.labels("bypass").inc()
             return await load()
+        if rate_check is not None and rate_check.settled:
+            rate_check = None
         scope_id = _scope_id(scope)
         token = uuid.uuid4().hex  # names this request as the holder of the fill lock
+        keys = [self._epoch_key, self._generation_key(scope_id)]
+        args: list[Any] = [
+            f"{self._prefix}{scope_id}:",
+            key,
+            token,
+            int(self._settings.lock_ttl * 1000),
+        ]
         try:
-            found = await self._call(
-                "lookup",
-                self._lookup(
-                    keys=[self._epoch_key, self._generation_key(scope_id)],
-                    args=[
-                        f"{self._prefix}{scope_id}:",
-                        key,
-                        token,
-                        int(self._settings.lock_ttl * 1000),
-                    ],
-                ),
-            )
-        except _Unavailable:
+            if rate_check is None:
+                found = await self._call("lookup", self._lookup(keys=keys, args=args))
+            else:
+                found = await self._call(
+                    "lookup",
+                    self._checked_lookup(
+                        keys=[*keys, rate_check.key], args=[*args, *gcra_arguments(rate_check.rate)]
+                    ),
+                )
+        except _Unavailable as exc:
+            if rate_check is not None:
+                rate_check.record_failure(exc.__cause__)
             CACHE_REQUESTS.labels("bypass").inc()
-            return await load()
+            return await load()  # a rate check failing closed refuses before the database
+        if rate_check is not None:
+            rate_check.record(found[3])
+            if rate_check.refused:
+                raise RateLimitRefusedError
         if found[1] is not None:
             CACHE_REQUESTS.labels("hit").inc()
             return bytes(found[1])

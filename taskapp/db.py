@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
@@ -78,9 +79,43 @@ def _discard_closed(dbapi_connection: Any, record: Any, proxy: Any) -> None:
         raise sa_exc.DisconnectionError("connection closed by the server")
 
 
+# Request state: an awaitable a request must pass before its first statement (the rate limit
+# of a read, which is counted as late as that; see taskapp.ratelimit).
+BEFORE_DATABASE_WORK = "before_database_work"
+
+
+def _admitted(method: Callable[..., Awaitable[Any]]) -> Any:
+    @functools.wraps(method)
+    async def admitted(self: AsyncSession, *args: Any, **kwargs: Any) -> Any:
+        gate = self.info.pop(BEFORE_DATABASE_WORK, None)
+        if gate is not None:
+            await gate()
+        return await method(self, *args, **kwargs)
+
+    return admitted
+
+
+class RequestSession(AsyncSession):
+    """A request's session: whatever the request must pass before touching the database
+    (`BEFORE_DATABASE_WORK`) runs before the first statement, whichever method sends it."""
+
+    execute = _admitted(AsyncSession.execute)
+    scalar = _admitted(AsyncSession.scalar)
+    get = _admitted(AsyncSession.get)
+    get_one = _admitted(AsyncSession.get_one)
+    stream = _admitted(AsyncSession.stream)
+    connection = _admitted(AsyncSession.connection)
+    flush = _admitted(AsyncSession.flush)
+    refresh = _admitted(AsyncSession.refresh)
+    merge = _admitted(AsyncSession.merge)
+    run_sync = _admitted(AsyncSession.run_sync)
+
+
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     # expire_on_commit=False: responses are serialized from objects after the commit.
-    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+    return async_sessionmaker(
+        engine, class_=RequestSession, expire_on_commit=False, autoflush=False
+    )
 
 
 def create_read_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -129,6 +164,9 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         state.read_session_factory if request.method in READ_ONLY_METHODS else state.session_factory
     )
     async with factory() as session:
+        gate = getattr(request.state, BEFORE_DATABASE_WORK, None)
+        if gate is not None:
+            session.info[BEFORE_DATABASE_WORK] = gate
         # Leaving the block closes the session; an uncommitted transaction rolls back.
         try:
             yield session

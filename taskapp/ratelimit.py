@@ -4,6 +4,12 @@ Callers with a valid token are limited per subject (`TASKAPP_RATE_LIMIT`); every
 including requests whose token fails, per client IP with a stricter limit, so floods and
 token guessing are throttled before any database work. The token is verified here once and
 the result handed to the route's auth dependency through the request state.
+
+A write is counted before the app sees it. A GET or HEAD is counted by its first Redis
+call: the response cache runs the limit in the script of its lookup, so a cached read costs
+one round trip instead of two. A read that reaches the database first is counted just
+before its first statement, and one that does neither (a 401, a 422, /docs) before its
+response starts; a refused read is answered 429 in every case, and never does database work.
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ from typing import Any
 
 from redis.asyncio import Redis
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from taskapp.auth.dependencies import AUTH_STATE, authenticate
 from taskapp.auth.principal import Principal
 from taskapp.config import Rate, RateLimitSettings
+from taskapp.db import BEFORE_DATABASE_WORK
 from taskapp.observability.metrics import RATE_LIMIT_DECISIONS, RATE_LIMIT_ERRORS
 from taskapp.redis_client import REDIS_FAILURES, RedisBreaker
 
@@ -33,28 +41,33 @@ logger = logging.getLogger(__name__)
 # that is not a JWT): monitoring must not go dark when a limit is hit.
 EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 LIMIT_EXCEEDED = "Rate limit exceeded"
+# Counted by their first Redis call or statement, or before their response: see above.
+DEFERRED_METHODS = frozenset({"GET", "HEAD"})
+# Where a deferred check waits in the request state.
+CHECK_STATE = "rate_limit_check"
 
 # GCRA: a bucket is the "theoretical arrival time" (TAT) of the next request, in ms of the
 # Redis server clock (one clock for every instance). `burst` requests may arrive at once;
 # after that one every `interval` ms. Returns allowed, remaining, retry-after ms, reset ms.
-_GCRA = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local window = interval * burst
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local new_tat = tat + interval
-local allow_at = new_tat - window
-if allow_at > now then
-  return {0, 0, allow_at - now, tat - now}
+GCRA_FUNCTION = """
+local function gcra(key, interval, burst)
+  local t = redis.call('TIME')
+  local now = t[1] * 1000 + math.floor(t[2] / 1000)
+  local window = interval * burst
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local allow_at = new_tat - window
+  if allow_at > now then
+    return {0, 0, allow_at - now, tat - now}
+  end
+  -- max(1, ...): at rates beyond a few million per second the interval vanishes in the
+  -- float precision of a ms timestamp; the bucket then never fills, which is right.
+  redis.call('SET', key, new_tat, 'PX', math.max(1, math.ceil(new_tat - now)))
+  return {1, math.floor((now - allow_at) / interval), 0, new_tat - now}
 end
--- max(1, ...): at rates beyond a few million per second the interval vanishes in the
--- float precision of a ms timestamp; the bucket then never fills, which is right.
-redis.call('SET', KEYS[1], new_tat, 'PX', math.max(1, math.ceil(new_tat - now)))
-return {1, math.floor((now - allow_at) / interval), 0, new_tat - now}
 """
+_GCRA = GCRA_FUNCTION + "return gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,24 +95,139 @@ class RateLimiter:
         self._prefix = f"{key_prefix}rl:"
         self._timeout = timeout
 
+    def key(self, bucket: str) -> str:
+        return self._prefix + bucket
+
     async def hit(self, bucket: str, rate: Rate) -> Decision:
         """Count one request against `bucket`; raises a Redis error when Redis fails."""
-        interval = rate.period * 1000 / rate.requests
         async with asyncio.timeout(self._timeout):
-            allowed, remaining, retry_ms, reset_ms = await self._script(
-                keys=[self._prefix + bucket], args=[interval, rate.requests]
+            raw = await self._script(keys=[self.key(bucket)], args=gcra_arguments(rate))
+        return decision(raw, rate)
+
+
+def gcra_arguments(rate: Rate) -> list[float]:
+    """`gcra()`'s interval (ms) and burst for `rate`."""
+    return [rate.period * 1000 / rate.requests, rate.requests]
+
+
+def decision(raw: list[Any], rate: Rate) -> Decision:
+    """The `Decision` in what `gcra()` returned."""
+    allowed, remaining, retry_ms, reset_ms = raw
+    return Decision(
+        allowed=bool(allowed),
+        limit=rate.requests,
+        remaining=min(int(remaining), rate.requests - 1) if allowed else 0,
+        retry_after=float(retry_ms) / 1000,
+        reset=float(reset_ms) / 1000,
+    )
+
+
+class RateLimitRefusedError(Exception):
+    """The request is over its limit, or the limiter cannot tell and fails closed."""
+
+
+class RateLimitCheck:
+    """One request's count against its bucket: settled at most once, by whichever comes
+    first of the cache lookup (in the same script), the first database statement, or the
+    start of the response."""
+
+    __slots__ = ("_breaker", "_fail_closed", "_limiter", "bucket", "decision", "failed", "kind",
+                 "rate", "settled")  # fmt: skip
+
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        breaker: RedisBreaker,
+        *,
+        kind: str,
+        bucket: str,
+        rate: Rate,
+        fail_closed: bool,
+    ) -> None:
+        self._limiter = limiter
+        self._breaker = breaker
+        self._fail_closed = fail_closed
+        self.kind = kind
+        self.bucket = bucket
+        self.rate = rate
+        self.decision: Decision | None = None
+        self.failed = False
+        self.settled = False
+
+    @property
+    def key(self) -> str:
+        return self._limiter.key(self.bucket)
+
+    @property
+    def refused(self) -> bool:
+        if self.decision is not None:
+            return not self.decision.allowed
+        return self.failed and self._fail_closed
+
+    @property
+    def refusal_status(self) -> int:
+        return 429 if self.decision is not None else 503
+
+    def record(self, raw: list[Any]) -> None:
+        """Take the decision from a `gcra()` result of another script (the cache lookup)."""
+        self._decided(decision(raw, self.rate))
+
+    def _decided(self, decided: Decision) -> None:
+        self.decision = decided
+        self.settled = True
+        RATE_LIMIT_DECISIONS.labels(self.kind, "allowed" if decided.allowed else "limited").inc()
+
+    def record_failure(self, exc: BaseException | None) -> None:
+        """Redis failed (`exc`), or was not asked because it failed moments ago (None)."""
+        self.failed = self.settled = True
+        RATE_LIMIT_ERRORS.inc()
+        if exc is not None:
+            self._breaker.failed(exc)
+
+    async def settle(self) -> None:
+        """Count the request now, unless that is done already."""
+        if self.settled:
+            return
+        if not self._breaker.available():
+            self.record_failure(None)
+            return
+        try:
+            decided = await self._limiter.hit(self.bucket, self.rate)
+        except REDIS_FAILURES as exc:
+            self.record_failure(exc)
+            return
+        self._decided(decided)
+
+    async def enforce(self) -> None:
+        """Settle, and raise `RateLimitRefusedError` if the request may not go on."""
+        await self.settle()
+        if self.refused:
+            raise RateLimitRefusedError
+
+    def headers(self) -> dict[str, str]:
+        return self.decision.headers() if self.decision is not None else {}
+
+    def refusal(self) -> JSONResponse:
+        """The answer to a refused request."""
+        if self.decision is not None:
+            return JSONResponse(
+                {"detail": LIMIT_EXCEEDED}, status_code=429, headers=self.decision.headers()
             )
-        return Decision(
-            allowed=bool(allowed),
-            limit=rate.requests,
-            remaining=min(int(remaining), rate.requests - 1) if allowed else 0,
-            retry_after=float(retry_ms) / 1000,
-            reset=float(reset_ms) / 1000,
+        return JSONResponse(
+            {"detail": "Rate limiter unavailable"}, status_code=503, headers={"Retry-After": "1"}
         )
 
 
-class RedisUnavailableError(Exception):
-    """The limiter is not asking Redis right now (it failed moments ago)."""
+def deferred_check(request: Request) -> RateLimitCheck | None:
+    """The request's count, if it is still to be made (a GET or HEAD not yet counted)."""
+    check = getattr(request.state, CHECK_STATE, None)
+    return check if check is not None and not check.settled else None
+
+
+async def refused_handler(request: Request, exc: Exception) -> Response:
+    """The 429 (or fail-closed 503) of a read refused after it reached the app."""
+    check: RateLimitCheck = getattr(request.state, CHECK_STATE)
+    return check.refusal()
 
 
 def client_ip(scope: Scope, trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str:
@@ -154,36 +282,39 @@ class RateLimitMiddleware:
         state[AUTH_STATE] = result
         principal = result if isinstance(result, Principal) else None
         kind, bucket = _bucket(principal, client_ip(scope, self.trusted))
-        rate = self.settings.per_user if principal is not None else self.settings.anonymous
-        limiter: RateLimiter = scope["app"].state.rate_limiter
-        try:
-            if not self._breaker.available():
-                raise RedisUnavailableError("skipped: Redis failed moments ago")
-            decision = await limiter.hit(bucket, rate)
-        except (*REDIS_FAILURES, RedisUnavailableError) as exc:
-            RATE_LIMIT_ERRORS.inc()
-            if not isinstance(exc, RedisUnavailableError):
-                self._breaker.failed(exc)
-            if self.settings.fail_closed:
-                response = JSONResponse(
-                    {"detail": "Rate limiter unavailable"},
-                    status_code=503,
-                    headers={"Retry-After": "1"},
-                )
-                await response(scope, receive, send)
-            else:
-                await self.app(scope, receive, send)
+        check = RateLimitCheck(
+            scope["app"].state.rate_limiter,
+            self._breaker,
+            kind=kind,
+            bucket=bucket,
+            rate=self.settings.per_user if principal is not None else self.settings.anonymous,
+            fail_closed=self.settings.fail_closed,
+        )
+        if scope["method"] in DEFERRED_METHODS and self._breaker.available():
+            state[CHECK_STATE] = check
+            state[BEFORE_DATABASE_WORK] = check.enforce
+        else:
+            await check.settle()  # a write: before its body is read
+        if check.refused:
+            await check.refusal()(scope, receive, send)
             return
-        RATE_LIMIT_DECISIONS.labels(kind, "allowed" if decision.allowed else "limited").inc()
-        headers = decision.headers()
-        if not decision.allowed:
-            response = JSONResponse({"detail": LIMIT_EXCEEDED}, status_code=429, headers=headers)
-            await response(scope, receive, send)
-            return
+        replaced = False
 
-        async def send_with_headers(message: Message) -> None:
+        async def send_checked(message: Message) -> None:
+            nonlocal replaced
+            if replaced:
+                return  # the app's answer to a request refused when it was done
             if message["type"] == "http.response.start":
-                MutableHeaders(scope=message).update(headers)
+                await check.settle()
+                if check.refused and message["status"] != check.refusal_status:
+                    replaced = True
+                    await check.refusal()(scope, receive, send)
+                    return
+                MutableHeaders(scope=message).update(check.headers())
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_checked)
+        except Exception:
+            await check.settle()  # counted even when the app failed before answering
+            raise

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,10 @@ async def limited_app(
     *,
     peer: str = "127.0.0.1",
     redis: dict[str, Any] | None = None,
+    cache: dict[str, Any] | None = None,
     **ratelimit: Any,
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    app = create_app(make_settings(ratelimit=ratelimit, redis=redis))
+    app = create_app(make_settings(ratelimit=ratelimit, redis=redis, cache=cache or {}))
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app, client=(peer, 40000))
         async with httpx.AsyncClient(transport=transport, base_url="http://taskapp.test") as client:
@@ -262,3 +263,100 @@ async def test_very_high_rates_work(redis_url: str):
         decision = await limiter.hit("user:x", Rate(10_000_000, 1))
         assert decision.allowed
         assert 0 <= decision.remaining < 10_000_000
+
+
+# Reads (GET, HEAD) are counted by their first Redis call, statement or response start.
+
+
+@contextlib.contextmanager
+def captured_statements(app: FastAPI) -> Iterator[list[str]]:
+    """Statements on `tasks` (not the background `db_up` probe's SELECT 1)."""
+    statements: list[str] = []
+
+    def capture(*args: Any) -> None:
+        if "tasks" in args[2]:
+            statements.append(args[2])
+
+    event.listen(app.state.engine.sync_engine, "before_cursor_execute", capture)
+    try:
+        yield statements
+    finally:
+        event.remove(app.state.engine.sync_engine, "before_cursor_execute", capture)
+
+
+async def test_a_cached_read_is_counted_and_answered_in_one_redis_round_trip(
+    make_settings: SettingsFactory, oidc: OIDCProvider, monkeypatch: pytest.MonkeyPatch
+):
+    async with limited_app(make_settings, per_user="10/minute") as (app, client):
+        alice = oidc.auth("alice")
+        assert (await client.get("/tasks", headers=alice)).status_code == 200  # fills the cache
+        redis: Redis = app.state.redis
+        sent: list[Any] = []
+        execute: Callable[..., Awaitable[Any]] = redis.execute_command
+
+        async def counted(*args: Any, **options: Any) -> Any:
+            sent.append(args[0])
+            return await execute(*args, **options)
+
+        monkeypatch.setattr(redis, "execute_command", counted)
+        with captured_statements(app) as statements:
+            response = await client.get("/tasks", headers=alice)
+        assert sent == ["EVALSHA"]
+        assert statements == []
+        assert response.status_code == 200
+        assert_limit_headers(response, 10, 8)
+
+
+async def test_refused_reads_look_nothing_up_and_do_no_database_work(
+    make_settings: SettingsFactory, oidc: OIDCProvider
+):
+    for cache in ({}, {"enabled": False}):
+        async with limited_app(make_settings, per_user="1/minute", cache=cache) as (app, client):
+            alice = oidc.auth("alice")
+            assert (await client.get("/tasks", headers=alice)).status_code == 200
+            hits = sample("taskapp_cache_requests_total", result="hit")
+            with captured_statements(app) as statements:
+                for path in ("/tasks", f"/tasks/{uuid.uuid4()}", "/tasks?page=2"):
+                    refused = await client.get(path, headers=alice)
+                    assert refused.status_code == 429, (cache, path)
+                    assert refused.json() == LIMITED
+                    assert refused.headers["Retry-After"].isdigit()
+                    assert_limit_headers(refused, 1, 0)
+            assert statements == [], cache
+            assert sample("taskapp_cache_requests_total", result="hit") == hits
+
+
+async def test_reads_that_reach_neither_cache_nor_database_are_counted_too(
+    make_settings: SettingsFactory, oidc: OIDCProvider
+):
+    async with limited_app(make_settings, per_user="2/minute", anonymous="1/minute") as (
+        _,
+        client,
+    ):
+        alice = oidc.auth("alice")
+        for remaining in (1, 0):
+            invalid = await client.get("/tasks/not-a-task-id", headers=alice)
+            assert invalid.status_code == 422
+            assert_limit_headers(invalid, 2, remaining)
+        refused = await client.get("/tasks/not-a-task-id", headers=alice)
+        assert refused.status_code == 429
+        assert refused.json() == LIMITED
+        # Anonymous: a 401, then the app's answer (here the OpenAPI document) is replaced.
+        assert (await client.get("/tasks")).status_code == 401
+        replaced = await client.get("/openapi.json")
+        assert replaced.status_code == 429
+        assert replaced.json() == LIMITED
+        assert_limit_headers(replaced, 1, 0)
+
+
+async def test_reads_fail_closed_before_the_database_when_the_cache_is_off(
+    make_settings: SettingsFactory, oidc: OIDCProvider, stopped_redis: str
+):
+    async with limited_app(
+        make_settings, redis={"url": stopped_redis}, fail_closed=True, cache={"enabled": False}
+    ) as (app, client):
+        with captured_statements(app) as statements:
+            response = await client.get("/tasks", headers=oidc.auth("alice"))
+        assert response.status_code == 503
+        assert response.json() == {"detail": "Rate limiter unavailable"}
+        assert statements == []

@@ -12,6 +12,7 @@ from taskapp.cache import ResponseCache
 from taskapp.db import SessionDep, after_commit
 from taskapp.errors import ForbiddenError, NotFoundError
 from taskapp.notifications.outbox import Outbox
+from taskapp.ratelimit import RateLimitCheck, deferred_check
 from taskapp.tasks.models import TaskStatus
 from taskapp.tasks.repository import TaskRepository, TaskRow
 from taskapp.tasks.schemas import TaskCreate, TaskPage, TaskRead, TaskUpdate
@@ -41,10 +42,18 @@ def _json(task: TaskRow) -> bytes:
 class TaskService:
     """Reads return serialized JSON so a cache hit skips the database and the models."""
 
-    def __init__(self, repository: TaskRepository, cache: ResponseCache, outbox: Outbox) -> None:
+    def __init__(
+        self,
+        repository: TaskRepository,
+        cache: ResponseCache,
+        outbox: Outbox,
+        rate_check: RateLimitCheck | None = None,
+    ) -> None:
         self.repository = repository
         self.cache = cache
         self.outbox = outbox
+        # The request's rate limit when it is still to be counted: the cache lookup does it.
+        self.rate_check = rate_check
 
     async def create(self, principal: Principal, data: TaskCreate) -> bytes:
         task = await self.repository.add(
@@ -99,7 +108,7 @@ class TaskService:
         # The owner filter is part of the key, never of the scope: an admin's filtered
         # page lives in the admin view, which every write invalidates.
         key = f"list:{page}:{page_size}:{status or ''}:{len(owner or '')}:{owner or ''}"
-        return await self.cache.get_or_load(_view(principal), key, load)
+        return await self.cache.get_or_load(_view(principal), key, load, rate_check=self.rate_check)
 
     async def get(self, principal: Principal, task_id: uuid.UUID) -> bytes:
         async def load() -> bytes:
@@ -108,7 +117,9 @@ class TaskService:
                 raise NotFoundError(TASK_NOT_FOUND)
             return _json(task)
 
-        return await self.cache.get_or_load(_view(principal), f"task:{task_id}", load)
+        return await self.cache.get_or_load(
+            _view(principal), f"task:{task_id}", load, rate_check=self.rate_check
+        )
 
     async def update(self, principal: Principal, task_id: uuid.UUID, data: TaskUpdate) -> bytes:
         task = await self.repository.update(task_id, data.changes(), owner=_scope(principal))
@@ -134,7 +145,7 @@ class TaskService:
 async def get_task_service(session: SessionDep, request: Request) -> TaskService:
     # async: FastAPI runs a plain `def` dependency in a worker thread, a hop per request.
     state = request.app.state
-    return TaskService(TaskRepository(session), state.cache, state.outbox)
+    return TaskService(TaskRepository(session), state.cache, state.outbox, deferred_check(request))
 
 
 TaskServiceDep = Annotated[TaskService, Depends(get_task_service)]
