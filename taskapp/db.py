@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
 
 import sqlalchemy.exc as sa_exc
@@ -157,12 +158,12 @@ def after_commit(session: AsyncSession, callback: AfterCommit) -> None:
     session.info.setdefault("after_commit", []).append(callback)
 
 
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """One session per request; commits once, after the handler, before the response."""
-    state = request.app.state
-    factory: async_sessionmaker[AsyncSession] = (
-        state.read_session_factory if request.method in READ_ONLY_METHODS else state.session_factory
-    )
+@asynccontextmanager
+async def request_session(
+    request: Request, factory: async_sessionmaker[AsyncSession]
+) -> AsyncIterator[AsyncSession]:
+    """A session for `request`: its gate runs before the first statement, it commits once
+    when the block ends, and database outages surface as `DatabaseUnavailableError`."""
     async with factory() as session:
         gate = getattr(request.state, BEFORE_DATABASE_WORK, None)
         if gate is not None:
@@ -180,9 +181,39 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
             await callback()
 
 
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """One session per request; commits once, after the handler, before the response."""
+    state = request.app.state
+    factory: async_sessionmaker[AsyncSession] = (
+        state.read_session_factory if request.method in READ_ONLY_METHODS else state.session_factory
+    )
+    async with request_session(request, factory) as session:
+        yield session
+
+
 # scope="function": the commit runs before the response is sent, so a failed commit
 # becomes an error response instead of a 2xx for data that was never stored.
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+
+class ReadSessions:
+    """Opens read-only sessions for one request, when it needs one: a read answered from
+    the cache then costs no session, and no generator dependency around the handler."""
+
+    __slots__ = ("_request",)
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+
+    def __call__(self) -> AbstractAsyncContextManager[AsyncSession]:
+        return request_session(self._request, self._request.app.state.read_session_factory)
+
+
+async def get_read_sessions(request: Request) -> ReadSessions:
+    return ReadSessions(request)
+
+
+ReadSessionsDep = Annotated[ReadSessions, Depends(get_read_sessions)]
 
 
 def alembic_config(database_url: str | None = None) -> Any:

@@ -12,7 +12,7 @@ from taskapp.auth.dependencies import AdminPrincipal, UserPrincipal
 from taskapp.errors import error_responses
 from taskapp.tasks.models import TaskStatus
 from taskapp.tasks.schemas import Owner, TaskCreate, TaskPage, TaskRead, TaskUpdate
-from taskapp.tasks.service import TaskServiceDep
+from taskapp.tasks.service import TaskReaderDep, TaskServiceDep
 
 router = APIRouter(prefix="/tasks", tags=["tasks"], responses=error_responses(401, 403, 429, 503))
 
@@ -40,7 +40,7 @@ async def create_task(
 @router.get("", response_model=TaskPage)
 async def list_tasks(
     principal: UserPrincipal,
-    service: TaskServiceDep,
+    reader: TaskReaderDep,
     page: Annotated[int, Query(ge=1, le=MAX_PAGE, description="1-based page number")] = 1,
     page_size: Annotated[int, Query(ge=1, le=100, description="Tasks per page")] = 10,
     owner: Annotated[Owner | None, Query(description="Admins only: one owner's tasks")] = None,
@@ -49,18 +49,16 @@ async def list_tasks(
     ] = None,
 ) -> Response:
     """List the caller's tasks (all tasks for admins), newest first."""
-    body = await service.list(
+    body = await reader.list(
         principal, page=page, page_size=page_size, owner=owner, status=task_status
     )
     return json_bytes(body)
 
 
 @router.get("/{task_id}", response_model=TaskRead, responses=error_responses(404))
-async def get_task(
-    task_id: uuid.UUID, principal: UserPrincipal, service: TaskServiceDep
-) -> Response:
+async def get_task(task_id: uuid.UUID, principal: UserPrincipal, reader: TaskReaderDep) -> Response:
     """Read one task."""
-    return json_bytes(await service.get(principal, task_id))
+    return json_bytes(await reader.get(principal, task_id))
 
 
 @router.patch("/{task_id}", response_model=TaskRead, responses=error_responses(400, 404, 413))

@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 
 from taskapp.auth.principal import Principal
 from taskapp.cache import ResponseCache
-from taskapp.db import SessionDep, after_commit
+from taskapp.db import ReadSessions, ReadSessionsDep, SessionDep, after_commit
 from taskapp.errors import ForbiddenError, NotFoundError
 from taskapp.notifications.outbox import Outbox
 from taskapp.ratelimit import RateLimitCheck, deferred_check
@@ -39,21 +39,76 @@ def _json(task: TaskRow) -> bytes:
     return TaskRead.model_validate(task).model_dump_json().encode()
 
 
-class TaskService:
-    """Reads return serialized JSON so a cache hit skips the database and the models."""
+class TaskReader:
+    """Reads, answered with serialized JSON so a cache hit skips the database and the models.
+
+    A session is opened only to load a missed entry, and closed as soon as it is loaded.
+    """
 
     def __init__(
         self,
-        repository: TaskRepository,
+        sessions: ReadSessions,
         cache: ResponseCache,
-        outbox: Outbox,
         rate_check: RateLimitCheck | None = None,
     ) -> None:
+        self.sessions = sessions
+        self.cache = cache
+        # The request's rate limit when it is still to be counted: the cache lookup does it.
+        self.rate_check = rate_check
+
+    async def list(
+        self,
+        principal: Principal,
+        *,
+        page: int,
+        page_size: int,
+        owner: str | None,
+        status: TaskStatus | None,
+    ) -> bytes:
+        if principal.is_admin:
+            scope = owner
+        elif owner is None or owner == principal.subject:
+            scope = principal.subject
+        else:
+            raise ForbiddenError("Only admins may list another owner's tasks")
+
+        async def load() -> bytes:
+            async with self.sessions() as session:
+                total, tasks = await TaskRepository(session).list(
+                    owner=scope,
+                    status=status.value if status else None,
+                    offset=(page - 1) * page_size,
+                    limit=page_size,
+                )
+            items = [TaskRead.model_validate(task) for task in tasks]
+            result = TaskPage(total=total, page=page, page_size=page_size, items=items)
+            return result.model_dump_json().encode()
+
+        # The owner filter is part of the key, never of the scope: an admin's filtered
+        # page lives in the admin view, which every write invalidates.
+        key = f"list:{page}:{page_size}:{status or ''}:{len(owner or '')}:{owner or ''}"
+        return await self.cache.get_or_load(_view(principal), key, load, rate_check=self.rate_check)
+
+    async def get(self, principal: Principal, task_id: uuid.UUID) -> bytes:
+        async def load() -> bytes:
+            async with self.sessions() as session:
+                task = await TaskRepository(session).get(task_id, owner=_scope(principal))
+            if task is None:
+                raise NotFoundError(TASK_NOT_FOUND)
+            return _json(task)
+
+        return await self.cache.get_or_load(
+            _view(principal), f"task:{task_id}", load, rate_check=self.rate_check
+        )
+
+
+class TaskService:
+    """Changes, in the request's one transaction; each answers with the stored task's JSON."""
+
+    def __init__(self, repository: TaskRepository, cache: ResponseCache, outbox: Outbox) -> None:
         self.repository = repository
         self.cache = cache
         self.outbox = outbox
-        # The request's rate limit when it is still to be counted: the cache lookup does it.
-        self.rate_check = rate_check
 
     async def create(self, principal: Principal, data: TaskCreate) -> bytes:
         task = await self.repository.add(
@@ -78,49 +133,6 @@ class TaskService:
         self._invalidate_after_commit(task["owner"])
         return _json(task)
 
-    async def list(
-        self,
-        principal: Principal,
-        *,
-        page: int,
-        page_size: int,
-        owner: str | None,
-        status: TaskStatus | None,
-    ) -> bytes:
-        if principal.is_admin:
-            scope = owner
-        elif owner is None or owner == principal.subject:
-            scope = principal.subject
-        else:
-            raise ForbiddenError("Only admins may list another owner's tasks")
-
-        async def load() -> bytes:
-            total, tasks = await self.repository.list(
-                owner=scope,
-                status=status.value if status else None,
-                offset=(page - 1) * page_size,
-                limit=page_size,
-            )
-            items = [TaskRead.model_validate(task) for task in tasks]
-            result = TaskPage(total=total, page=page, page_size=page_size, items=items)
-            return result.model_dump_json().encode()
-
-        # The owner filter is part of the key, never of the scope: an admin's filtered
-        # page lives in the admin view, which every write invalidates.
-        key = f"list:{page}:{page_size}:{status or ''}:{len(owner or '')}:{owner or ''}"
-        return await self.cache.get_or_load(_view(principal), key, load, rate_check=self.rate_check)
-
-    async def get(self, principal: Principal, task_id: uuid.UUID) -> bytes:
-        async def load() -> bytes:
-            task = await self.repository.get(task_id, owner=_scope(principal))
-            if task is None:
-                raise NotFoundError(TASK_NOT_FOUND)
-            return _json(task)
-
-        return await self.cache.get_or_load(
-            _view(principal), f"task:{task_id}", load, rate_check=self.rate_check
-        )
-
     async def update(self, principal: Principal, task_id: uuid.UUID, data: TaskUpdate) -> bytes:
         task = await self.repository.update(task_id, data.changes(), owner=_scope(principal))
         if task is None:
@@ -142,10 +154,15 @@ class TaskService:
         after_commit(self.repository.session, invalidate)
 
 
+# Both async: FastAPI runs a plain `def` dependency in a worker thread, a hop per request.
+async def get_task_reader(sessions: ReadSessionsDep, request: Request) -> TaskReader:
+    return TaskReader(sessions, request.app.state.cache, deferred_check(request))
+
+
 async def get_task_service(session: SessionDep, request: Request) -> TaskService:
-    # async: FastAPI runs a plain `def` dependency in a worker thread, a hop per request.
     state = request.app.state
-    return TaskService(TaskRepository(session), state.cache, state.outbox, deferred_check(request))
+    return TaskService(TaskRepository(session), state.cache, state.outbox)
 
 
+TaskReaderDep = Annotated[TaskReader, Depends(get_task_reader)]
 TaskServiceDep = Annotated[TaskService, Depends(get_task_service)]
