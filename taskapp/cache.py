@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,40 +35,49 @@ from taskapp.redis_client import REDIS_FAILURES, RedisBreaker
 logger = logging.getLogger(__name__)
 
 
-# One round trip: the epoch, the scope's generation and the entry they address; on a miss,
-# also the fill lock for that entry ('locked': ours, load it; 'busy': someone else's).
-_LOOKUP_FUNCTION = """
-local function lookup()
-  local epoch = redis.call('GET', KEYS[1]) or '0'
-  local generation = redis.call('GET', KEYS[2]) or '0'
-  local key = ARGV[1] .. epoch .. ':' .. generation .. ':' .. ARGV[2]
-  local value = redis.call('GET', key)
-  if value then return {key, value, false} end
-  if redis.call('SET', key .. ':lock', ARGV[3], 'NX', 'PX', ARGV[4]) then
-    return {key, false, 'locked'}
-  end
-  return {key, false, 'busy'}
-end
-"""
-_LOOKUP = _LOOKUP_FUNCTION + "return lookup()"
-# The same, after counting the request against its rate-limit bucket (KEYS[3]), so a read
-# pays one round trip for both; a refused request looks nothing up.
-_CHECKED_LOOKUP = (
+# Stores of loaded entries waiting in this process (KEYS[4..], ARGV[9..]: entry, its fill
+# lock, value, lock token), then the epoch, the scope's generation and the entry they
+# address; on a miss, also the fill lock for that entry ('locked': ours, load it; 'busy':
+# someone else's). With ARGV[5] = '1' the request is first counted against its rate-limit
+# bucket (KEYS[3]): a read then pays one round trip for both, and a refused one looks
+# nothing up. All in one round trip.
+_LOOKUP = (
     GCRA_FUNCTION
-    + _LOOKUP_FUNCTION
     + """
-local decision = gcra(KEYS[3], tonumber(ARGV[5]), tonumber(ARGV[6]))
-if decision[1] == 0 then return {false, false, false, decision} end
-local found = lookup()
-found[4] = decision
-return found
+for i = 1, (#KEYS - 3) / 2 do
+  redis.call('SET', KEYS[2 + 2 * i], ARGV[7 + 2 * i], 'EX', ARGV[8])
+  if redis.call('GET', KEYS[3 + 2 * i]) == ARGV[8 + 2 * i] then
+    redis.call('DEL', KEYS[3 + 2 * i])
+  end
+end
+local decision = false
+if ARGV[5] == '1' then
+  decision = gcra(KEYS[3], tonumber(ARGV[6]), tonumber(ARGV[7]))
+  if decision[1] == 0 then return {false, false, false, decision} end
+end
+local epoch = redis.call('GET', KEYS[1]) or '0'
+local generation = redis.call('GET', KEYS[2]) or '0'
+local key = ARGV[1] .. epoch .. ':' .. generation .. ':' .. ARGV[2]
+local value = redis.call('GET', key)
+if value then return {key, value, false, decision} end
+if redis.call('SET', key .. ':lock', ARGV[3], 'NX', 'PX', ARGV[4]) then
+  return {key, false, 'locked', decision}
+end
+return {key, false, 'busy', decision}
 """
 )
-# Store the entry and release the fill lock, if it is still ours.
+# Stores alone (KEYS: entry, its fill lock, ...; ARGV: TTL, then value, lock token, ...),
+# for those no lookup came by to carry.
 _STORE = """
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+for i = 1, #KEYS / 2 do
+  redis.call('SET', KEYS[2 * i - 1], ARGV[2 * i], 'EX', ARGV[1])
+  if redis.call('GET', KEYS[2 * i]) == ARGV[2 * i + 1] then redis.call('DEL', KEYS[2 * i]) end
+end
 """
+# A loaded entry rides along with the next lookup of this process, or is sent on its own
+# after this delay when no lookup comes; a lookup carries at most this many.
+STORE_DELAY = 0.005
+STORES_PER_LOOKUP = 16
 
 # Give the fill lock up, if it is still ours.
 _RELEASE = """
@@ -91,7 +101,6 @@ class ResponseCache:
         self._prefix = f"{key_prefix}cache:"
         self._epoch_key = f"{self._prefix}epoch"
         self._lookup = redis.register_script(_LOOKUP)
-        self._checked_lookup = redis.register_script(_CHECKED_LOOKUP)
         self._store = redis.register_script(_STORE)
         self._release = redis.register_script(_RELEASE)
         self._breaker = RedisBreaker(
@@ -100,6 +109,14 @@ class ResponseCache:
         self._lost_invalidation = False
         self._repair: asyncio.Task[None] | None = None
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        # Loaded entries not yet in Redis: (entry key, value, lock token).
+        self._stores: list[tuple[str, bytes, str]] = []
+        self._store_timer: asyncio.TimerHandle | None = None
+        self._store_task: asyncio.Task[None] | None = None
+        # Names the holder of a fill lock: random per process, counted per lookup (a uuid4
+        # per lookup would read the OS's random source every time).
+        self._token_prefix = secrets.token_hex(8)
+        self._tokens = itertools.count()
 
     @property
     def enabled(self) -> bool:
@@ -121,24 +138,29 @@ class ResponseCache:
         if rate_check is not None and rate_check.settled:
             rate_check = None
         scope_id = _scope_id(scope)
-        token = uuid.uuid4().hex  # names this request as the holder of the fill lock
-        keys = [self._epoch_key, self._generation_key(scope_id)]
+        token = f"{self._token_prefix}{next(self._tokens)}"  # holder of the fill lock
+        stores, self._stores = (
+            self._stores[:STORES_PER_LOOKUP],
+            self._stores[STORES_PER_LOOKUP:],
+        )
+        keys = [
+            self._epoch_key,
+            self._generation_key(scope_id),
+            rate_check.key if rate_check else "",
+        ]
         args: list[Any] = [
             f"{self._prefix}{scope_id}:",
             key,
             token,
             int(self._settings.lock_ttl * 1000),
+            *((1, *gcra_arguments(rate_check.rate)) if rate_check else (0, 0, 0)),
+            self._settings.ttl,
         ]
+        for entry_key, value, lock_token in stores:
+            keys += (entry_key, entry_key + ":lock")
+            args += (value, lock_token)
         try:
-            if rate_check is None:
-                found = await self._call("lookup", self._lookup(keys=keys, args=args))
-            else:
-                found = await self._call(
-                    "lookup",
-                    self._checked_lookup(
-                        keys=[*keys, rate_check.key], args=[*args, *gcra_arguments(rate_check.rate)]
-                    ),
-                )
+            found = await self._call("lookup", self._lookup(keys=keys, args=args))
         except _Unavailable as exc:
             if rate_check is not None:
                 rate_check.record_failure(exc.__cause__)
@@ -175,6 +197,10 @@ class ResponseCache:
         await self._redis.incr(self._epoch_key)
 
     async def aclose(self) -> None:
+        if self._store_timer is not None:
+            self._store_timer.cancel()
+        if self._stores and self._available():
+            await self._send_stores()
         if self._repair is not None:
             self._repair.cancel()
 
@@ -250,15 +276,36 @@ class ResponseCache:
                         self._release(keys=[fill.entry_key + ":lock"], args=[fill.token]),
                     )
             raise
-        with contextlib.suppress(_Unavailable):
-            await self._call(
-                "store",
-                self._store(
-                    keys=[fill.entry_key, fill.entry_key + ":lock"],
-                    args=[value, self._settings.ttl, fill.token],
-                ),
-            )
+        self._queue_store(fill, value)
         return value
+
+    def _queue_store(self, fill: _Fill, value: bytes) -> None:
+        """Store `value` with the next lookup, or after `STORE_DELAY` on its own."""
+        self._stores.append((fill.entry_key, value, fill.token))
+        if self._store_timer is None:
+            loop = asyncio.get_running_loop()
+            self._store_timer = loop.call_later(STORE_DELAY, self._store_left_over)
+
+    def _store_left_over(self) -> None:
+        self._store_timer = None
+        if self._stores and (self._store_task is None or self._store_task.done()):
+            self._store_task = asyncio.create_task(self._send_stores())
+
+    async def _send_stores(self) -> None:
+        while self._stores:
+            stores, self._stores = (
+                self._stores[:STORES_PER_LOOKUP],
+                self._stores[STORES_PER_LOOKUP:],
+            )
+            keys: list[str] = []
+            args: list[Any] = [self._settings.ttl]
+            for entry_key, value, lock_token in stores:
+                keys += (entry_key, entry_key + ":lock")
+                args += (value, lock_token)
+            try:
+                await self._call("store", self._store(keys=keys, args=args))
+            except _Unavailable:
+                return  # lost: those entries are loaded again, their locks expire
 
     async def _wait_for_fill(self, entry_key: str) -> bytes | None:
         """Another process is loading this key: wait briefly for its result."""

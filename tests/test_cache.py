@@ -8,15 +8,17 @@ import contextlib
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from sqlalchemy import event, insert, text
 
 from taskapp.app import create_app
+from taskapp.cache import STORE_DELAY
 from taskapp.tasks.models import Task
 from tests.conftest import SettingsFactory, running
 from tests.fixtures.metrics import sample
@@ -345,3 +347,53 @@ async def test_a_failed_load_releases_the_fill_lock(client: httpx.AsyncClient, a
     started = time.monotonic()
     assert (await client.get(missing, headers=alice)).status_code == 404
     assert time.monotonic() - started < 0.3
+
+
+async def test_a_loaded_entry_rides_with_the_next_lookup(
+    client: httpx.AsyncClient, app: FastAPI, oidc: OIDCProvider, monkeypatch: pytest.MonkeyPatch
+):
+    """The store of a miss costs no round trip of its own when another lookup follows."""
+    alice = oidc.auth("alice")
+    task = await create(client, alice, title="carried")
+    redis = app.state.cache._redis
+    sent: list[Any] = []
+    execute: Callable[..., Awaitable[Any]] = redis.execute_command
+
+    async def counted(*args: Any, **options: Any) -> Any:
+        sent.append(args[0])
+        return await execute(*args, **options)
+
+    monkeypatch.setattr(redis, "execute_command", counted)
+    await app.state.cache.clear()  # via the original client: not counted
+    sent.clear()
+    with task_queries(app) as statements:
+        missed = await client.get(f"/tasks/{task['id']}", headers=alice)
+        hit = await client.get(f"/tasks/{task['id']}", headers=alice)
+    assert sent == ["EVALSHA", "EVALSHA"]  # two lookups; the first one's store in the second
+    assert len(statements) == 1
+    assert hit.content == missed.content
+
+
+async def test_a_loaded_entry_is_stored_soon_without_another_lookup(
+    make_settings: SettingsFactory, oidc: OIDCProvider
+):
+    """With no lookup to carry it, the entry reaches Redis (for every instance) on its own,
+    and its fill lock is released."""
+    shared = {"key_prefix": f"test-{uuid.uuid4().hex}:"}
+    first = create_app(make_settings(redis=shared))
+    second = create_app(make_settings(redis=shared))
+    alice = oidc.auth(f"solo-{uuid.uuid4()}")
+    async with running(first) as one, running(second) as two:
+        task = await create(one, alice, title="alone")
+        loaded = await one.get(f"/tasks/{task['id']}", headers=alice)
+        await asyncio.sleep(STORE_DELAY + 0.05)
+        redis = first.state.cache._redis
+        pattern = f"{first.state.cache._prefix}*task:{task['id']}"
+        assert len([key async for key in redis.scan_iter(match=pattern)]) == 1
+        assert [key async for key in redis.scan_iter(match=pattern + ":lock")] == []
+        with task_queries(second) as statements:
+            elsewhere = await two.get(f"/tasks/{task['id']}", headers=alice)
+        assert statements == []
+        assert elsewhere.content == loaded.content
+        async with first.state.engine.begin() as connection:
+            await connection.execute(text("TRUNCATE tasks"))
