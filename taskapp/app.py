@@ -18,7 +18,7 @@ from taskapp.auth.tokens import TokenVerifier
 from taskapp.body_limit import BodySizeLimitMiddleware
 from taskapp.cache import ResponseCache
 from taskapp.config import Settings, get_settings
-from taskapp.db import create_engine, create_read_session_factory, create_session_factory
+from taskapp.db import create_engine, create_session_factory, read_only
 from taskapp.errors import error_responses, install_error_handlers
 from taskapp.notifications.celery_app import create_celery
 from taskapp.notifications.outbox import Outbox
@@ -73,7 +73,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     redis = create_redis(settings.redis)
     app.state.engine = engine
     app.state.session_factory = create_session_factory(engine)
-    app.state.read_session_factory = create_read_session_factory(engine)
+    app.state.read_engine = read_only(engine)
     app.state.redis = redis
     app.state.rate_limiter = RateLimiter(
         redis, key_prefix=settings.redis.key_prefix, timeout=settings.ratelimit.timeout

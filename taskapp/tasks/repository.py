@@ -27,7 +27,7 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from taskapp.tasks.models import Task
 
@@ -93,7 +93,9 @@ def _match(task_id: uuid.UUID, owner: str | None) -> list[ColumnElement[bool]]:
 
 
 class TaskRepository:
-    def __init__(self, session: AsyncSession) -> None:
+    """On the request's session (writes), or on a plain connection (reads)."""
+
+    def __init__(self, session: AsyncSession | AsyncConnection) -> None:
         self.session = session
 
     async def add(self, values: Mapping[str, Any]) -> TaskRow:

@@ -6,10 +6,11 @@ import uuid
 from typing import Annotated
 
 from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from taskapp.auth.principal import Principal
 from taskapp.cache import ResponseCache
-from taskapp.db import ReadSessions, ReadSessionsDep, SessionDep, after_commit
+from taskapp.db import ReadConnections, ReadConnectionsDep, SessionDep, after_commit
 from taskapp.errors import ForbiddenError, NotFoundError
 from taskapp.notifications.outbox import Outbox
 from taskapp.ratelimit import RateLimitCheck, deferred_check
@@ -42,16 +43,16 @@ def _json(task: TaskRow) -> bytes:
 class TaskReader:
     """Reads, answered with serialized JSON so a cache hit skips the database and the models.
 
-    A session is opened only to load a missed entry, and closed as soon as it is loaded.
+    A connection is taken only to load a missed entry, and given back as soon as it is loaded.
     """
 
     def __init__(
         self,
-        sessions: ReadSessions,
+        connections: ReadConnections,
         cache: ResponseCache,
         rate_check: RateLimitCheck | None = None,
     ) -> None:
-        self.sessions = sessions
+        self.connections = connections
         self.cache = cache
         # The request's rate limit when it is still to be counted: the cache lookup does it.
         self.rate_check = rate_check
@@ -73,8 +74,8 @@ class TaskReader:
             raise ForbiddenError("Only admins may list another owner's tasks")
 
         async def load() -> bytes:
-            async with self.sessions() as session:
-                total, tasks = await TaskRepository(session).list(
+            async with self.connections() as connection:
+                total, tasks = await TaskRepository(connection).list(
                     owner=scope,
                     status=status.value if status else None,
                     offset=(page - 1) * page_size,
@@ -91,8 +92,8 @@ class TaskReader:
 
     async def get(self, principal: Principal, task_id: uuid.UUID) -> bytes:
         async def load() -> bytes:
-            async with self.sessions() as session:
-                task = await TaskRepository(session).get(task_id, owner=_scope(principal))
+            async with self.connections() as connection:
+                task = await TaskRepository(connection).get(task_id, owner=_scope(principal))
             if task is None:
                 raise NotFoundError(TASK_NOT_FOUND)
             return _json(task)
@@ -105,8 +106,9 @@ class TaskReader:
 class TaskService:
     """Changes, in the request's one transaction; each answers with the stored task's JSON."""
 
-    def __init__(self, repository: TaskRepository, cache: ResponseCache, outbox: Outbox) -> None:
-        self.repository = repository
+    def __init__(self, session: AsyncSession, cache: ResponseCache, outbox: Outbox) -> None:
+        self.session = session
+        self.repository = TaskRepository(session)
         self.cache = cache
         self.outbox = outbox
 
@@ -122,7 +124,7 @@ class TaskService:
         )
         # Same transaction: the e-mail exists exactly when the task does.
         await self.outbox.task_created(
-            self.repository.session,
+            self.session,
             task_id=task["id"],
             owner=task["owner"],
             email=principal.email,
@@ -151,17 +153,17 @@ class TaskService:
         async def invalidate() -> None:
             await self.cache.invalidate(_owner_view(owner), ADMIN_VIEW)
 
-        after_commit(self.repository.session, invalidate)
+        after_commit(self.session, invalidate)
 
 
 # Both async: FastAPI runs a plain `def` dependency in a worker thread, a hop per request.
-async def get_task_reader(sessions: ReadSessionsDep, request: Request) -> TaskReader:
-    return TaskReader(sessions, request.app.state.cache, deferred_check(request))
+async def get_task_reader(connections: ReadConnectionsDep, request: Request) -> TaskReader:
+    return TaskReader(connections, request.app.state.cache, deferred_check(request))
 
 
 async def get_task_service(session: SessionDep, request: Request) -> TaskService:
     state = request.app.state
-    return TaskService(TaskRepository(session), state.cache, state.outbox)
+    return TaskService(session, state.cache, state.outbox)
 
 
 TaskReaderDep = Annotated[TaskReader, Depends(get_task_reader)]
