@@ -62,6 +62,12 @@ def _scans(plan: dict[str, Any]) -> list[tuple[str, str, str]]:
 Call = Callable[[TaskRepository], Awaitable[Any]]
 
 
+def _literal(value: Any) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
 async def _explain(connection: AsyncConnection, scenario: str, call: Call) -> list[Plan]:
     sent: list[tuple[str, Any]] = []
 
@@ -78,11 +84,15 @@ async def _explain(connection: AsyncConnection, scenario: str, call: Call) -> li
         await session.close()  # rolls its savepoint back
     plans = []
     for statement, parameters in sent:
+        # As the API runs it: a prepared statement's generic plan (see taskapp.db).
         async with connection.begin_nested() as savepoint:
+            await connection.exec_driver_sql(f"PREPARE bench_probe AS {statement}")
+            arguments = ", ".join(_literal(value) for value in parameters)
             result = await connection.exec_driver_sql(
-                "EXPLAIN (ANALYZE, FORMAT JSON) " + statement, parameters
+                f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE bench_probe({arguments})"
             )
             raw: Any = result.scalar()
+            await connection.exec_driver_sql("DEALLOCATE bench_probe")
             await savepoint.rollback()
         top = (json.loads(raw) if isinstance(raw, str) else raw)[0]
         plans.append(Plan(scenario, statement, _scans(top["Plan"]), top["Execution Time"]))
@@ -102,6 +112,7 @@ async def explain_scenarios(
     try:
         async with engine.connect() as connection:
             await connection.begin()
+            await connection.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
             if small:
                 await connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
             plans = await _explain(

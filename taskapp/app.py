@@ -68,7 +68,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     except BaseException:
         await http.aclose()
         raise
-    engine = create_engine(settings.database)
+    engine = create_engine(settings.database, generic_plans=True)
     instrument(engine)
     redis = create_redis(settings.redis)
     app.state.engine = engine

@@ -51,6 +51,30 @@ async def _explain(engine: Any, statement: str, parameters: Any) -> list[tuple[s
     return _relations(plan)
 
 
+def _literal(value: Any) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+async def _explain_generic(engine: Any, statement: str, parameters: Any) -> list[tuple[str, str]]:
+    """The scans that the generic plan (what the API runs) executes, pruned ones left out."""
+    async with engine.connect() as connection:
+        await connection.exec_driver_sql("SET enable_seqscan = off")
+        await connection.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+        await connection.exec_driver_sql(f"PREPARE probe AS {statement}")
+        arguments = ", ".join(_literal(value) for value in parameters)
+        result = await connection.exec_driver_sql(
+            f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE probe({arguments})"
+        )
+        raw = result.scalar()
+        await connection.rollback()  # the UPDATE ran: undo it
+        await connection.exec_driver_sql("DEALLOCATE probe")  # it outlives the transaction
+        await connection.rollback()
+    plan = (json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"]
+    return _relations(plan)
+
+
 async def test_user_queries_hit_one_partition_through_an_index(client, app, oidc):
     user = oidc.auth("alice")
     for owner in ("alice", "bob", "carol", "dave", "erin"):
@@ -76,10 +100,11 @@ async def test_user_queries_hit_one_partition_through_an_index(client, app, oidc
     assert kinds == {"SELECT", "UPDATE"}, queries
     assert len(queries) == 4  # a page (count included) twice, get, update
     for statement, parameters in queries:
-        scans = await _explain(engine, statement, parameters)
-        partitions = {relation for _, relation in scans if PARTITION.fullmatch(relation)}
-        assert len(partitions) == 1, (statement, scans)
-        assert all("Index" in node for node, _ in scans), (statement, scans)
+        for explain in (_explain, _explain_generic):
+            scans = await explain(engine, statement, parameters)
+            partitions = {relation for _, relation in scans if PARTITION.fullmatch(relation)}
+            assert len(partitions) == 1, (explain.__name__, statement, scans)
+            assert all("Index" in node for node, _ in scans), (explain.__name__, statement, scans)
 
 
 async def test_admin_lookup_by_id_uses_the_id_index(client, app, oidc):
@@ -93,3 +118,23 @@ async def test_admin_lookup_by_id_uses_the_id_index(client, app, oidc):
     # No owner to prune by: every partition is probed, each through its id index.
     assert {relation for _, relation in scans} == {f"tasks_p{i}" for i in range(8)}
     assert all("Index" in node for node, _ in scans), scans
+
+
+async def test_the_api_plans_statements_once_per_connection(app):
+    async with app.state.engine.connect() as connection:
+        mode = await connection.exec_driver_sql("SHOW plan_cache_mode")
+        assert mode.scalar() == "force_generic_plan"
+
+
+async def test_admin_pages_carry_their_bounds_in_the_sql(client, app, oidc):
+    """Across all owners a generic plan made without LIMIT reads the whole table, so the
+    page bounds are written into the statement and the planner sees them."""
+    admin = oidc.auth("root", roles=["admin"])
+    with captured_statements(app.state.engine) as statements:
+        assert (await client.get("/tasks?page=3&page_size=7", headers=admin)).status_code == 200
+        owned = await client.get("/tasks?page=3&page_size=7&owner=alice", headers=admin)
+        assert owned.status_code == 200
+    pages = [s for s, _ in statements if "page_keys" in s]
+    assert len(pages) == 2
+    assert "LIMIT 7 OFFSET 14" in pages[0]
+    assert "LIMIT $" in pages[1]  # one owner: bound parameters, one prepared statement
