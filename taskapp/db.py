@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Annotated, Any
 
 import sqlalchemy.exc as sa_exc
@@ -163,6 +163,18 @@ def unavailable_reason(exc: BaseException) -> str | None:
     return None
 
 
+@contextmanager
+def _outages_as_unavailable() -> Iterator[None]:
+    """Database outages inside the block raise `DatabaseUnavailableError` (a 503)."""
+    try:
+        yield
+    except Exception as exc:
+        reason = unavailable_reason(exc)
+        if reason is not None:
+            raise DatabaseUnavailableError(reason) from exc
+        raise
+
+
 AfterCommit = Callable[[], Awaitable[None]]
 
 
@@ -221,14 +233,9 @@ async def request_session(
         async with factory() as session:
             session.info[BEFORE_DATABASE_WORK] = before_first_statement
             # Leaving the block closes the session; an uncommitted transaction rolls back.
-            try:
+            with _outages_as_unavailable():
                 yield session
                 await session.commit()
-            except Exception as exc:
-                reason = unavailable_reason(exc)
-                if reason is not None:
-                    raise DatabaseUnavailableError(reason) from exc
-                raise
             for callback in session.info.pop("after_commit", []):
                 await callback()
     finally:
@@ -258,13 +265,9 @@ async def read_connection(request: Request) -> AsyncIterator[AsyncConnection]:
     connections: ConnectionGate = request.app.state.connection_gate
     await connections.acquire()
     try:
-        async with request.app.state.read_engine.connect() as connection:
-            yield connection
-    except Exception as exc:
-        reason = unavailable_reason(exc)
-        if reason is not None:
-            raise DatabaseUnavailableError(reason) from exc
-        raise
+        with _outages_as_unavailable():
+            async with request.app.state.read_engine.connect() as connection:
+                yield connection
     finally:
         connections.release()
 
