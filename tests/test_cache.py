@@ -8,14 +8,14 @@ import contextlib
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import event, insert, text
+from sqlalchemy import insert, text
 
 from taskapp.app import create_app
 from taskapp.cache import STORE_DELAY
@@ -23,24 +23,8 @@ from taskapp.tasks.models import Task
 from tests.conftest import SettingsFactory, running
 from tests.fixtures.metrics import sample
 from tests.fixtures.oidc import OIDCProvider
-from tests.fixtures.services import private_redis
-from tests.fixtures.tasks import create
-
-
-@contextlib.contextmanager
-def task_queries(app: FastAPI) -> Iterator[list[str]]:
-    """The statements on `tasks` the app sends while the block runs."""
-    statements: list[str] = []
-
-    def capture(*args: Any) -> None:
-        if "tasks" in args[2]:
-            statements.append(args[2])
-
-    event.listen(app.state.engine.sync_engine, "before_cursor_execute", capture)
-    try:
-        yield statements
-    finally:
-        event.remove(app.state.engine.sync_engine, "before_cursor_execute", capture)
+from tests.fixtures.services import private_redis, sent_redis_commands
+from tests.fixtures.tasks import create, task_queries
 
 
 def hits() -> float:
@@ -355,16 +339,8 @@ async def test_a_loaded_entry_rides_with_the_next_lookup(
     """The store of a miss costs no round trip of its own when another lookup follows."""
     alice = oidc.auth("alice")
     task = await create(client, alice, title="carried")
-    redis = app.state.cache._redis
-    sent: list[Any] = []
-    execute: Callable[..., Awaitable[Any]] = redis.execute_command
-
-    async def counted(*args: Any, **options: Any) -> Any:
-        sent.append(args[0])
-        return await execute(*args, **options)
-
-    monkeypatch.setattr(redis, "execute_command", counted)
-    await app.state.cache.clear()  # via the original client: not counted
+    sent = sent_redis_commands(monkeypatch, app.state.cache._redis)
+    await app.state.cache.clear()  # the reads must reach the database
     sent.clear()
     with task_queries(app) as statements:
         missed = await client.get(f"/tasks/{task['id']}", headers=alice)

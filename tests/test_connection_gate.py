@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import text
 
 from taskapp.app import create_app
 from taskapp.db import BUSY, ConnectionGate, DatabaseUnavailableError
 from tests.conftest import SettingsFactory, running
 from tests.fixtures.oidc import OIDCProvider
+from tests.fixtures.tasks import task_queries
 
 
 async def test_waiters_are_served_in_arrival_order_and_newcomers_queue_behind():
@@ -51,21 +51,12 @@ async def test_reads_and_writes_wait_their_turn_then_answer_503(
         make_settings(database={"pool_size": 1, "max_overflow": 0, "pool_timeout": 0.3})
     )
     alice = oidc.auth(f"gate-{uuid.uuid4()}")
-    statements: list[str] = []
-
-    def capture(*args: Any) -> None:
-        if "tasks" in args[2]:
-            statements.append(args[2])
-
     async with running(app) as client:
         gate: ConnectionGate = app.state.connection_gate
         await gate.acquire()  # the only connection is taken
-        event.listen(app.state.engine.sync_engine, "before_cursor_execute", capture)
-        try:
+        with task_queries(app) as statements:
             read = await client.get(f"/tasks/{uuid.uuid4()}", headers=alice)
             write = await client.post("/tasks", json={"title": "x"}, headers=alice)
-        finally:
-            event.remove(app.state.engine.sync_engine, "before_cursor_execute", capture)
         for response in (read, write):
             assert response.status_code == 503
             assert response.json() == {"detail": BUSY}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,8 @@ from taskapp.ratelimit import RateLimiter, client_ip
 from tests.conftest import SettingsFactory
 from tests.fixtures.metrics import sample
 from tests.fixtures.oidc import OIDCProvider
-from tests.fixtures.services import private_redis
+from tests.fixtures.services import private_redis, sent_redis_commands
+from tests.fixtures.tasks import task_queries
 
 LIMITED = {"detail": "Rate limit exceeded"}
 
@@ -268,38 +269,14 @@ async def test_very_high_rates_work(redis_url: str):
 # Reads (GET, HEAD) are counted by their first Redis call, statement or response start.
 
 
-@contextlib.contextmanager
-def captured_statements(app: FastAPI) -> Iterator[list[str]]:
-    """Statements on `tasks` (not the background `db_up` probe's SELECT 1)."""
-    statements: list[str] = []
-
-    def capture(*args: Any) -> None:
-        if "tasks" in args[2]:
-            statements.append(args[2])
-
-    event.listen(app.state.engine.sync_engine, "before_cursor_execute", capture)
-    try:
-        yield statements
-    finally:
-        event.remove(app.state.engine.sync_engine, "before_cursor_execute", capture)
-
-
 async def test_a_cached_read_is_counted_and_answered_in_one_redis_round_trip(
     make_settings: SettingsFactory, oidc: OIDCProvider, monkeypatch: pytest.MonkeyPatch
 ):
     async with limited_app(make_settings, per_user="10/minute") as (app, client):
         alice = oidc.auth("alice")
         assert (await client.get("/tasks", headers=alice)).status_code == 200  # fills the cache
-        redis: Redis = app.state.redis
-        sent: list[Any] = []
-        execute: Callable[..., Awaitable[Any]] = redis.execute_command
-
-        async def counted(*args: Any, **options: Any) -> Any:
-            sent.append(args[0])
-            return await execute(*args, **options)
-
-        monkeypatch.setattr(redis, "execute_command", counted)
-        with captured_statements(app) as statements:
+        sent = sent_redis_commands(monkeypatch, app.state.redis)
+        with task_queries(app) as statements:
             response = await client.get("/tasks", headers=alice)
         assert sent == ["EVALSHA"]
         assert statements == []
@@ -315,7 +292,7 @@ async def test_refused_reads_look_nothing_up_and_do_no_database_work(
             alice = oidc.auth("alice")
             assert (await client.get("/tasks", headers=alice)).status_code == 200
             hits = sample("taskapp_cache_requests_total", result="hit")
-            with captured_statements(app) as statements:
+            with task_queries(app) as statements:
                 for path in ("/tasks", f"/tasks/{uuid.uuid4()}", "/tasks?page=2"):
                     refused = await client.get(path, headers=alice)
                     assert refused.status_code == 429, (cache, path)
@@ -355,7 +332,7 @@ async def test_reads_fail_closed_before_the_database_when_the_cache_is_off(
     async with limited_app(
         make_settings, redis={"url": stopped_redis}, fail_closed=True, cache={"enabled": False}
     ) as (app, client):
-        with captured_statements(app) as statements:
+        with task_queries(app) as statements:
             response = await client.get("/tasks", headers=oidc.auth("alice"))
         assert response.status_code == 503
         assert response.json() == {"detail": "Rate limiter unavailable"}
