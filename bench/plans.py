@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from taskapp.tasks.repository import TaskRepository
 
@@ -75,13 +75,13 @@ async def _explain(connection: AsyncConnection, scenario: str, call: Call) -> li
         if "tasks" in statement and not statement.startswith("EXPLAIN"):
             sent.append((statement, parameters))
 
-    session = AsyncSession(bind=connection, join_transaction_mode="create_savepoint")
     event.listen(connection.sync_connection, "before_cursor_execute", capture)
     try:
-        await call(TaskRepository(session))
+        async with connection.begin_nested() as savepoint:
+            await call(TaskRepository(connection))
+            await savepoint.rollback()
     finally:
         event.remove(connection.sync_connection, "before_cursor_execute", capture)
-        await session.close()  # rolls its savepoint back
     plans = []
     for statement, parameters in sent:
         # As the API runs it: a prepared statement's generic plan (see taskapp.db).

@@ -18,7 +18,7 @@ from taskapp.auth.tokens import TokenVerifier
 from taskapp.body_limit import BodySizeLimitMiddleware
 from taskapp.cache import ResponseCache
 from taskapp.config import Settings, get_settings
-from taskapp.db import ConnectionGate, create_engine, create_session_factory, read_only
+from taskapp.db import ConnectionGate, autocommit, create_engine
 from taskapp.errors import error_responses, install_error_handlers
 from taskapp.notifications.celery_app import create_celery
 from taskapp.notifications.outbox import Outbox
@@ -72,8 +72,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     instrument(engine)
     redis = create_redis(settings.redis)
     app.state.engine = engine
-    app.state.session_factory = create_session_factory(engine)
-    app.state.read_engine = read_only(engine)
+    app.state.request_engine = autocommit(engine)
     database = settings.database
     app.state.connection_gate = ConnectionGate(
         database.pool_size + database.max_overflow, database.pool_timeout

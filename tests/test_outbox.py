@@ -22,6 +22,7 @@ from taskapp.notifications.outbox import usable_address
 from tests.conftest import SettingsFactory, running
 from tests.fixtures.metrics import sample
 from tests.fixtures.oidc import OIDCProvider
+from tests.fixtures.tasks import task_queries
 
 
 async def _notifications(app: FastAPI) -> list[dict[str, Any]]:
@@ -66,6 +67,54 @@ async def test_creating_a_task_records_one_pending_notification(
     assert row["status"] == "pending"
     assert row["kind"] == "task_created"
     assert row["payload"] == {"title": "Write report", "description": "Q3", "status": "in_progress"}
+
+
+async def test_the_task_and_its_notification_are_inserted_by_one_statement(
+    notifying: tuple[FastAPI, httpx.AsyncClient], oidc: OIDCProvider
+):
+    app, client = notifying
+    with task_queries(app) as statements:
+        response = await client.post("/tasks", json={"title": "x"}, headers=oidc.auth())
+    assert response.status_code == 201
+    [statement] = statements
+    assert "INSERT INTO notifications" in statement
+    assert "INSERT INTO tasks" in statement
+
+
+async def test_a_task_whose_notification_fails_is_not_stored(
+    notifying: tuple[FastAPI, httpx.AsyncClient], oidc: OIDCProvider
+):
+    """The task and its outbox row commit together or not at all."""
+    app, client = notifying
+    async with app.state.engine.begin() as connection:
+        await connection.execute(
+            text(
+                "CREATE FUNCTION test_refuse_notification() RETURNS trigger LANGUAGE plpgsql AS"
+                " $$ BEGIN IF NEW.payload->>'title' = 'refused' THEN"
+                " RAISE EXCEPTION 'refused by test'; END IF; RETURN NEW; END $$"
+            )
+        )
+        await connection.execute(
+            text(
+                "CREATE TRIGGER test_refuse_notification AFTER INSERT ON notifications"
+                " FOR EACH ROW EXECUTE FUNCTION test_refuse_notification()"
+            )
+        )
+    try:
+        refused = await client.post("/tasks", json={"title": "refused"}, headers=oidc.auth())
+        accepted = await client.post("/tasks", json={"title": "accepted"}, headers=oidc.auth())
+    finally:
+        async with app.state.engine.begin() as connection:
+            await connection.execute(text("DROP TRIGGER test_refuse_notification ON notifications"))
+            await connection.execute(text("DROP FUNCTION test_refuse_notification()"))
+    assert refused.status_code == 500
+    assert accepted.status_code == 201
+    async with app.state.engine.connect() as connection:
+        titles = (await connection.execute(text("SELECT title FROM tasks"))).scalars().all()
+    assert "refused" not in titles
+    assert "accepted" in titles
+    [row] = await _notifications(app)
+    assert row["payload"]["title"] == "accepted"
 
 
 @pytest.mark.parametrize(

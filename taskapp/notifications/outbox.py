@@ -1,4 +1,4 @@
-"""The API side of the outbox: a row in the request's transaction, a job after its commit."""
+"""The API side of the outbox: a row written with the change, a job after its commit."""
 
 from __future__ import annotations
 
@@ -10,13 +10,12 @@ import re
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from email.headerregistry import Address
 
 from celery import Celery
-from sqlalchemy import insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Insert, insert
 
-from taskapp.db import after_commit
 from taskapp.notifications.models import Notification, NotificationStatus
 from taskapp.observability.metrics import NOTIFICATIONS
 
@@ -38,6 +37,15 @@ def usable_address(email: str | None) -> str | None:
     return email if parsed == email else None
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """A notification to record with the change it reports."""
+
+    notification_id: uuid.UUID
+    insert: Insert
+    deliverable: bool
+
+
 class Outbox:
     """Records notifications and hands them to Celery once they are committed."""
 
@@ -55,37 +63,35 @@ class Outbox:
         self._pending: queue.SimpleQueue[uuid.UUID | None] = queue.SimpleQueue()
         self._publisher: threading.Thread | None = None
 
-    async def task_created(
-        self, session: AsyncSession, *, task_id: uuid.UUID, owner: str, email: str | None,
-        title: str, description: str | None, status: str,
-    ) -> uuid.UUID | None:  # fmt: skip
+    def task_created(
+        self, *, task_id: uuid.UUID, owner: str, email: str | None, title: str,
+        description: str | None, status: str,
+    ) -> OutboxEntry | None:  # fmt: skip
+        """The notification of a new task, None when notifications are off. Its `insert` must
+        run in the statement that inserts the task: the e-mail exists exactly when the task
+        does. Once that has committed, hand the entry to `committed`."""
         if not self._enabled:
             return None
         recipient = usable_address(email)
         notification_id = uuid.uuid4()
-        await session.execute(
-            insert(Notification).values(
-                id=notification_id,
-                kind="task_created",
-                task_id=task_id,
-                owner=owner,
-                recipient=recipient,
-                payload={"title": title, "description": description, "status": status},
-                # No usable address: recorded, never sent.
-                status=(
-                    NotificationStatus.PENDING if recipient else NotificationStatus.SKIPPED
-                ).value,
-            )
+        statement = insert(Notification).values(
+            id=notification_id,
+            kind="task_created",
+            task_id=task_id,
+            owner=owner,
+            recipient=recipient,
+            payload={"title": title, "description": description, "status": status},
+            # No usable address: recorded, never sent.
+            status=(NotificationStatus.PENDING if recipient else NotificationStatus.SKIPPED).value,
         )
+        return OutboxEntry(notification_id, statement, deliverable=recipient is not None)
 
-        async def committed() -> None:
-            if recipient is None:
-                NOTIFICATIONS.labels("skipped").inc()
-            else:
-                self._start_enqueue(notification_id)
-
-        after_commit(session, committed)
-        return notification_id
+    def committed(self, entry: OutboxEntry) -> None:
+        """`entry`'s row is committed: its job goes to Celery (never awaited, never failing)."""
+        if entry.deliverable:
+            self._start_enqueue(entry.notification_id)
+        else:
+            NOTIFICATIONS.labels("skipped").inc()
 
     def _start_enqueue(self, notification_id: uuid.UUID) -> None:
         # Publishing is blocking I/O and the broker may be down: never on the event loop,

@@ -1,4 +1,4 @@
-"""Every query on `tasks`. Flushes, never commits: the request's session dependency does.
+"""Every query on `tasks`, each one statement on the request's autocommit connection.
 
 Queries are Core statements (the reads built once, with bound parameters) returning plain
 rows: they feed JSON straight away, and skipping ORM compilation, the unit of work and
@@ -15,6 +15,7 @@ from typing import Any, cast
 
 from sqlalchemy import (
     ColumnElement,
+    Insert,
     Integer,
     RowMapping,
     Select,
@@ -28,7 +29,7 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from taskapp.tasks.models import Task
 
@@ -98,14 +99,21 @@ def _match(task_id: uuid.UUID, owner: str | None) -> list[ColumnElement[bool]]:
 
 
 class TaskRepository:
-    """On the request's session (writes), or on a plain connection (reads)."""
+    """On a request's connection: each method is one statement."""
 
-    def __init__(self, session: AsyncSession | AsyncConnection) -> None:
-        self.session = session
+    def __init__(self, connection: AsyncConnection) -> None:
+        self.connection = connection
 
-    async def add(self, values: Mapping[str, Any]) -> TaskRow:
-        """Insert a task; the stored row, server defaults (timestamps) included."""
-        result = await self.session.execute(insert(_TASKS).values(**values).returning(_TASKS))
+    async def add(self, values: Mapping[str, Any], *, alongside: Sequence[Insert] = ()) -> TaskRow:
+        """Insert a task; the stored row, server defaults (timestamps) included.
+
+        `alongside`: inserts run by the same statement (as CTEs), so they commit or fail
+        together with the task, with no transaction around them.
+        """
+        statement = insert(_TASKS).values(**values).returning(_TASKS)
+        for number, other in enumerate(alongside):
+            statement = statement.add_cte(other.cte(f"alongside_{number}"))
+        result = await self.connection.execute(statement)
         row: TaskRow = result.mappings().one()
         return row
 
@@ -113,7 +121,7 @@ class TaskRepository:
         parameters: dict[str, Any] = {"id": task_id}
         if owner is not None:
             parameters["owner"] = owner
-        result = await self.session.execute(_get_statement(owner=owner is not None), parameters)
+        result = await self.connection.execute(_get_statement(owner=owner is not None), parameters)
         row: TaskRow | None = result.mappings().one_or_none()
         return row
 
@@ -126,13 +134,13 @@ class TaskRepository:
         if status is not None:
             parameters["status"] = status
         statement = _list_statement(owner=owner is not None, status=status is not None)
-        rows = (await self.session.execute(statement, parameters)).mappings().all()
+        rows = (await self.connection.execute(statement, parameters)).mappings().all()
         return rows[0]["total"], [row for row in rows if row["id"] is not None]
 
     async def update(
         self, task_id: uuid.UUID, changes: dict[str, Any], *, owner: str | None
     ) -> TaskRow | None:
-        result = await self.session.execute(
+        result = await self.connection.execute(
             update(_TASKS)
             .where(*_match(task_id, owner))
             .values(**changes, updated_at=func.now())
@@ -143,7 +151,7 @@ class TaskRepository:
 
     async def delete(self, task_id: uuid.UUID, *, owner: str | None) -> str | None:
         """Delete the task; its owner, or None when there was no such task."""
-        result = await self.session.execute(
+        result = await self.connection.execute(
             delete(_TASKS).where(*_match(task_id, owner)).returning(_TASKS.c.owner)
         )
         owner_of_deleted: str | None = result.scalar_one_or_none()

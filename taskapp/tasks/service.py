@@ -6,11 +6,10 @@ import uuid
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from taskapp.auth.principal import Principal
 from taskapp.cache import ResponseCache
-from taskapp.db import ReadConnections, ReadConnectionsDep, SessionDep, after_commit
+from taskapp.db import Connections, ConnectionsDep
 from taskapp.errors import ForbiddenError, NotFoundError
 from taskapp.notifications.outbox import Outbox
 from taskapp.ratelimit import RateLimitCheck, deferred_check
@@ -48,7 +47,7 @@ class TaskReader:
 
     def __init__(
         self,
-        connections: ReadConnections,
+        connections: Connections,
         cache: ResponseCache,
         rate_check: RateLimitCheck | None = None,
     ) -> None:
@@ -104,66 +103,72 @@ class TaskReader:
 
 
 class TaskService:
-    """Changes, in the request's one transaction; each answers with the stored task's JSON."""
+    """Changes. Each is one statement on an autocommit connection, so it commits on its own
+    (with the outbox row of a new task in the same statement), and only then do its effects
+    go out: the cache invalidated, the notification handed to Celery. Each answers with
+    the stored task's JSON."""
 
-    def __init__(self, session: AsyncSession, cache: ResponseCache, outbox: Outbox) -> None:
-        self.session = session
-        self.repository = TaskRepository(session)
+    def __init__(self, connections: Connections, cache: ResponseCache, outbox: Outbox) -> None:
+        self.connections = connections
         self.cache = cache
         self.outbox = outbox
 
     async def create(self, principal: Principal, data: TaskCreate) -> bytes:
-        task = await self.repository.add(
-            {
-                "id": uuid.uuid4(),
-                "owner": principal.subject,
-                "title": data.title,
-                "description": data.description,
-                "status": data.status.value,
-            }
-        )
-        # Same transaction: the e-mail exists exactly when the task does.
-        await self.outbox.task_created(
-            self.session,
-            task_id=task["id"],
-            owner=task["owner"],
+        task_id = uuid.uuid4()
+        notification = self.outbox.task_created(
+            task_id=task_id,
+            owner=principal.subject,
             email=principal.email,
-            title=task["title"],
-            description=task["description"],
-            status=task["status"],
+            title=data.title,
+            description=data.description,
+            status=data.status.value,
         )
-        self._invalidate_after_commit(task["owner"])
+        values = {
+            "id": task_id,
+            "owner": principal.subject,
+            "title": data.title,
+            "description": data.description,
+            "status": data.status.value,
+        }
+        async with self.connections() as connection:
+            task = await TaskRepository(connection).add(
+                values, alongside=[notification.insert] if notification else ()
+            )
+        await self._changed(task["owner"])
+        if notification is not None:
+            self.outbox.committed(notification)
         return _json(task)
 
     async def update(self, principal: Principal, task_id: uuid.UUID, data: TaskUpdate) -> bytes:
-        task = await self.repository.update(task_id, data.changes(), owner=_scope(principal))
+        async with self.connections() as connection:
+            task = await TaskRepository(connection).update(
+                task_id, data.changes(), owner=_scope(principal)
+            )
         if task is None:
             raise NotFoundError(TASK_NOT_FOUND)
-        self._invalidate_after_commit(task["owner"])
+        await self._changed(task["owner"])
         return _json(task)
 
     async def delete(self, principal: Principal, task_id: uuid.UUID) -> None:
-        owner = await self.repository.delete(task_id, owner=_scope(principal))
+        async with self.connections() as connection:
+            owner = await TaskRepository(connection).delete(task_id, owner=_scope(principal))
         if owner is None:
             raise NotFoundError(TASK_NOT_FOUND)
-        self._invalidate_after_commit(owner)
+        await self._changed(owner)
 
-    def _invalidate_after_commit(self, owner: str) -> None:
-        # A change to an owner's task is visible in their view and in the admin view.
-        async def invalidate() -> None:
-            await self.cache.invalidate(_owner_view(owner), ADMIN_VIEW)
-
-        after_commit(self.session, invalidate)
+    async def _changed(self, owner: str) -> None:
+        # A committed change to an owner's task shows in their view and in the admin view.
+        await self.cache.invalidate(_owner_view(owner), ADMIN_VIEW)
 
 
 # Both async: FastAPI runs a plain `def` dependency in a worker thread, a hop per request.
-async def get_task_reader(connections: ReadConnectionsDep, request: Request) -> TaskReader:
+async def get_task_reader(connections: ConnectionsDep, request: Request) -> TaskReader:
     return TaskReader(connections, request.app.state.cache, deferred_check(request))
 
 
-async def get_task_service(session: SessionDep, request: Request) -> TaskService:
+async def get_task_service(connections: ConnectionsDep, request: Request) -> TaskService:
     state = request.app.state
-    return TaskService(session, state.cache, state.outbox)
+    return TaskService(connections, state.cache, state.outbox)
 
 
 TaskReaderDep = Annotated[TaskReader, Depends(get_task_reader)]
