@@ -7,6 +7,8 @@ from celery import Celery
 from taskapp.config import Settings
 
 SEND_JOB = "taskapp.send_notification"
+# Several notifications in one message: what the API publishes (see Outbox).
+SEND_BATCH_JOB = "taskapp.send_notifications"
 SWEEP_JOB = "taskapp.sweep_outbox"
 
 

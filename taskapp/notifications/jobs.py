@@ -1,4 +1,4 @@
-"""Celery jobs: send one notification (exactly once per row), and sweep the outbox.
+"""Celery jobs: send notifications (exactly once per row), and sweep the outbox.
 
 Run by `taskapp worker` (worker with beat) or `taskapp beat`. Workers use a synchronous
 PostgreSQL driver: Celery jobs are synchronous code.
@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from taskapp.config import get_settings
 from taskapp.notifications import mail
-from taskapp.notifications.celery_app import SEND_JOB, SWEEP_JOB, create_celery
+from taskapp.notifications.celery_app import SEND_BATCH_JOB, SEND_JOB, SWEEP_JOB, create_celery
 from taskapp.notifications.models import Notification, NotificationStatus
 from taskapp.observability.metrics import NOTIFICATIONS, OUTBOX_PENDING
 
@@ -129,6 +129,31 @@ def send_notification(self: Task[Any, Any], notification_id: str) -> str:
         # After the commit above: the row already says when it is due again.
         raise self.retry(countdown=delay + 0.5)
     return outcome
+
+
+@celery.task(name=SEND_BATCH_JOB)
+def send_notifications(notification_ids: list[str]) -> dict[str, int]:
+    """Send several notifications one after the other, each exactly as `send_notification`
+    would; one to be retried goes on as a job of its own, with its countdown.
+
+    An error (the database or the broker gone) ends the job: the rows not done yet stay
+    pending, and the sweep enqueues them again once they are past their grace period.
+    """
+    outcomes: dict[str, int] = {}
+    for done, notification_id in enumerate(notification_ids):
+        try:
+            outcome, delay = deliver(uuid.UUID(notification_id))
+            if outcome == "retried":
+                send_notification.apply_async(args=(notification_id,), countdown=delay + 0.5)
+        except Exception:
+            logger.error(
+                "stopped after %d of %d notifications; the sweep will enqueue the rest",
+                done,
+                len(notification_ids),
+            )
+            raise
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    return outcomes
 
 
 @celery.task(name=SWEEP_JOB)

@@ -5,11 +5,14 @@ recipient, or with none, and waits a little longer than needed to catch a second
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import uuid
 
+import redis
 from sqlalchemy import text
 
-from taskapp.notifications.celery_app import SEND_JOB, create_celery
+from taskapp.notifications.celery_app import SEND_BATCH_JOB, SEND_JOB, create_celery
 from tests.notifications.conftest import Delivery, Row, assert_delivered
 from tests.notifications.harness import eventually
 
@@ -37,6 +40,46 @@ async def _attempted(delivery: Delivery, task_id: uuid.UUID, attempts: int) -> R
 
     await eventually(failed_enough, f"{attempts} failed attempts")
     return await delivery.row(task_id)
+
+
+def _queued_jobs(delivery: Delivery) -> list[tuple[str, list[str]]]:
+    """The jobs waiting in the broker's queue: (name, first argument)."""
+    client = redis.Redis.from_url(delivery.broker_url)
+    try:
+        raw = client.lrange(delivery.queue, 0, -1)
+    finally:
+        client.close()
+    jobs = []
+    for item in reversed(raw):  # kombu pushes to the left: oldest last
+        message = json.loads(item)
+        args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        jobs.append((message["headers"]["task"], args[0]))
+    return jobs
+
+
+async def test_tasks_created_together_are_published_as_one_job(delivery: Delivery) -> None:
+    # No worker yet: what the API publishes waits in the broker's queue, where it is read.
+    created = await asyncio.gather(*(delivery.create(f"Errand {n}") for n in range(10)))
+
+    async def published() -> bool:
+        return sum(len(ids) for _, ids in _queued_jobs(delivery)) >= len(created)
+
+    await eventually(published, "every notification published")
+    jobs = _queued_jobs(delivery)
+    assert {name for name, _ in jobs} == {SEND_BATCH_JOB}
+    assert len(jobs) < len(created)
+    rows = [await delivery.row(task_id) for task_id, _ in created]
+    assert sorted(i for _, ids in jobs for i in ids) == sorted(str(row.id) for row in rows)
+
+    delivery.mail.start()
+    delivery.start_worker()
+    await delivery.wait_messages(len(created))
+    await asyncio.sleep(SETTLE)
+    assert len(delivery.mail.messages) == len(created)
+    for n, (task_id, _) in enumerate(created):
+        row = await delivery.row(task_id)
+        assert (row.status, row.attempts) == ("sent", 1)
+        assert_delivered(delivery.message_for(row), row, f"Errand {n}")
 
 
 async def test_a_created_task_is_mailed_to_its_creator_once(delivery: Delivery) -> None:
@@ -112,11 +155,13 @@ async def test_the_same_job_delivered_twice_sends_one_mail(delivery: Delivery) -
         notification_id = str((await delivery.row(task_id)).id)
         for _ in range(2):
             celery.send_task(SEND_JOB, args=[notification_id])
+        celery.send_task(SEND_BATCH_JOB, args=[[notification_id]])
 
         await _settled_one_message(delivery, task_id, "Pay the rent")
 
         # Once more after it was sent: still nothing new.
         celery.send_task(SEND_JOB, args=[notification_id])
+        celery.send_task(SEND_BATCH_JOB, args=[[notification_id]])
         await asyncio.sleep(SETTLE)
     finally:
         celery.close()
