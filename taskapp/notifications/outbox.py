@@ -12,9 +12,10 @@ import time
 import uuid
 from dataclasses import dataclass
 from email.headerregistry import Address
+from typing import Any
 
 from celery import Celery
-from sqlalchemy import Insert, insert
+from sqlalchemy import Insert, bindparam, insert
 
 from taskapp.notifications.celery_app import SEND_BATCH_JOB
 from taskapp.notifications.models import Notification, NotificationStatus
@@ -37,12 +38,26 @@ def usable_address(email: str | None) -> str | None:
     return email if parsed == email else None
 
 
+# Built once, bound per notification: building and cache-keying an INSERT per request cost
+# a create a tenth of its time. The names keep apart from those of the statement it joins.
+_INSERT_TASK_CREATED = insert(Notification).values(
+    id=bindparam("notification_id"),
+    kind="task_created",
+    task_id=bindparam("notification_task_id"),
+    owner=bindparam("notification_owner"),
+    recipient=bindparam("notification_recipient"),
+    payload=bindparam("notification_payload"),
+    status=bindparam("notification_status"),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxEntry:
-    """A notification to record with the change it reports."""
+    """A notification to record with the change it reports: `insert`, bound to `parameters`."""
 
     notification_id: uuid.UUID
     insert: Insert
+    parameters: dict[str, Any]
     deliverable: bool
 
 
@@ -70,24 +85,27 @@ class Outbox:
         self, *, task_id: uuid.UUID, owner: str, email: str | None, title: str,
         description: str | None, status: str,
     ) -> OutboxEntry | None:  # fmt: skip
-        """The notification of a new task, None when notifications are off. Its `insert` must
-        run in the statement that inserts the task: the e-mail exists exactly when the task
-        does. Once that has committed, hand the entry to `committed`."""
+        """The notification of a new task, None when notifications are off. Its row must be
+        inserted by the statement that inserts the task: the e-mail exists exactly when the
+        task does. Once that has committed, hand the entry to `committed`."""
         if not self._enabled:
             return None
         recipient = usable_address(email)
         notification_id = uuid.uuid4()
-        statement = insert(Notification).values(
-            id=notification_id,
-            kind="task_created",
-            task_id=task_id,
-            owner=owner,
-            recipient=recipient,
-            payload={"title": title, "description": description, "status": status},
+        parameters = {
+            "notification_id": notification_id,
+            "notification_task_id": task_id,
+            "notification_owner": owner,
+            "notification_recipient": recipient,
+            "notification_payload": {"title": title, "description": description, "status": status},
             # No usable address: recorded, never sent.
-            status=(NotificationStatus.PENDING if recipient else NotificationStatus.SKIPPED).value,
+            "notification_status": (
+                NotificationStatus.PENDING if recipient else NotificationStatus.SKIPPED
+            ).value,
+        }
+        return OutboxEntry(
+            notification_id, _INSERT_TASK_CREATED, parameters, deliverable=recipient is not None
         )
-        return OutboxEntry(notification_id, statement, deliverable=recipient is not None)
 
     def committed(self, entry: OutboxEntry) -> None:
         """`entry`'s row is committed: its job goes to Celery (never awaited, never failing)."""

@@ -132,7 +132,8 @@ class TaskService:
         }
         async with self.connections() as connection:
             task = await TaskRepository(connection).add(
-                values, alongside=[notification.insert] if notification else ()
+                values,
+                alongside=[(notification.insert, notification.parameters)] if notification else (),
             )
         await self._changed(task["owner"])
         if notification is not None:
