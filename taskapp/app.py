@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from taskapp.auth.devkey import DEV_ISSUER, dev_key_source
@@ -35,6 +36,7 @@ from taskapp.ratelimit import (
     refused_handler,
 )
 from taskapp.redis_client import create_redis
+from taskapp.security_headers import SecurityHeadersMiddleware
 from taskapp.tasks.router import router as tasks_router
 
 logger = logging.getLogger(__name__)
@@ -169,14 +171,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
     install_error_handlers(app)
     app.add_exception_handler(RateLimitRefusedError, refused_handler)
-    # Added last = outermost: the request id covers everything; the rate limit (which
+    # Added last = outermost: the security headers go on every response, a 500 included;
+    # the request id covers everything else; the rate limit (which
     # authenticates) comes before the body cap, so even a 413 is counted and carries the
     # RateLimit-* headers. A write is counted before any route or body parsing; a read by
     # its first Redis call, at the latest before any database work (see taskapp.ratelimit).
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RateLimitMiddleware, settings=settings.ratelimit)
+    if settings.cors_origins:
+        # Outside the rate limit: a preflight is answered here, and a 401 or 429 carries
+        # the CORS headers a browser needs to let the page read it.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "HEAD", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            # What a client reads besides the body: its request id and its rate limit.
+            expose_headers=[
+                "X-Request-ID",
+                "Retry-After",
+                "RateLimit-Limit",
+                "RateLimit-Remaining",
+                "RateLimit-Reset",
+            ],
+            max_age=600,
+        )
     app.add_middleware(HTTPMetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.include_router(health_router)
     app.include_router(metrics_router)
     app.include_router(tasks_router)

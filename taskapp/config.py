@@ -8,6 +8,7 @@ Each concern is a group with its own prefix, so the external names stay flat and
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from enum import StrEnum
 from functools import lru_cache
@@ -247,6 +248,11 @@ class NotificationSettings(BaseSettings):
     sweep_interval: Annotated[float, Field(gt=0, le=3600)] = 15.0
 
 
+_ORIGIN = re.compile(
+    r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$"
+)
+
+
 class Settings(BaseSettings):
     """All configuration of taskapp. Validated once at start-up."""
 
@@ -262,7 +268,12 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] | None = None
     # A static bearer token that may read /metrics (for a Prometheus server without OIDC).
     metrics_token: SecretStr | None = None
+    # /docs and /openapi.json; false removes both.
     docs_enabled: bool = True
+    # Browser origins allowed to call the API (CORS), comma-separated or a JSON list, e.g.
+    # https://tasks.example.com. Empty (the default): no CORS headers, browsers on other
+    # origins cannot read any answer.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Largest accepted request body. A task is at most ~10,000 characters of description,
     # which JSON escaping can make ~120 KB; anything far beyond is refused unread.
     max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 256 * 1024
@@ -281,6 +292,26 @@ class Settings(BaseSettings):
     broker_url: SecretStr | None = None
     # Not "rate_limit": TASKAPP_RATE_LIMIT is the per-user rate inside this group.
     ratelimit: RateLimitSettings = Field(default_factory=RateLimitSettings)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _parse_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin: scheme://host[:port], no path (or '*')"
+                )
+        return origins
 
     @property
     def is_production(self) -> bool:
