@@ -13,6 +13,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from sqlalchemy import text
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from taskapp.app import create_app
 from taskapp.config import (
@@ -133,10 +134,25 @@ def make_settings(database_url: str, redis_url: str, oidc: OIDCProvider) -> Sett
     return make
 
 
+def _state_per_request(app: ASGIApp) -> ASGIApp:
+    """Give each request a shallow copy of the lifespan state, as ASGI servers do.
+
+    asgi-lifespan hands every request the same dict, so what one request keeps in
+    `request.state` (its verified caller, say) would still be there for the next one.
+    """
+
+    async def with_own_state(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan" and "state" in scope:
+            scope["state"] = dict(scope["state"])
+        await app(scope, receive, send)
+
+    return with_own_state
+
+
 @contextlib.asynccontextmanager
 async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     """The app started (lifespan) with an HTTP client speaking ASGI to it."""
-    async with LifespanManager(app) as manager:
+    async with LifespanManager(_state_per_request(app)) as manager:
         transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://taskapp.test") as client:
             yield client
