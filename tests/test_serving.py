@@ -161,6 +161,86 @@ def test_http_protocol_string_names_the_class() -> None:
     assert config.http_protocol_class is NoDelayHttpToolsProtocol
 
 
+def exchange(host: str, port: int, *requests: bytes) -> bytes:
+    """Send `requests` on one connection, each after the previous answer; all that came
+    back (up to a reset: a server that closes while a request is still arriving resets)."""
+    received = b""
+    with socket.create_connection((host, port), timeout=5) as client:
+        try:
+            for request in requests:
+                client.sendall(request)
+                chunk = client.recv(65536)
+                received += chunk
+                if not chunk:
+                    break
+            client.settimeout(1)  # a kept-alive connection stays open: wait a moment only
+            while chunk := client.recv(65536):
+                received += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return received
+
+
+def _head(header_bytes: int, *, extra: bytes = b"") -> bytes:
+    return (
+        b"GET / HTTP/1.1\r\nHost: test\r\nX-Padding: "
+        + b"a" * header_bytes
+        + b"\r\n"
+        + extra
+        + b"\r\n"
+    )
+
+
+@pytest.mark.parametrize("size", [70_000, 300_000])
+def test_an_oversized_request_head_is_refused_with_431(size: int) -> None:
+    with tcp_server("workers", NoDelayHttpToolsProtocol) as (host, port):
+        received = exchange(host, port, _head(size))
+        assert received.startswith(b"HTTP/1.1 431 "), received[:80]
+        assert b"connection: close" in received
+        get_twice(host, port)  # the server goes on serving
+
+
+def test_a_head_that_never_ends_is_cut_off() -> None:
+    """10 MB of one header: refused long before the end (the client may see a reset)."""
+    with tcp_server("workers", NoDelayHttpToolsProtocol) as (host, port):
+        received = exchange(host, port, _head(10_000_000))
+        assert received == b"" or received.startswith(b"HTTP/1.1 431 "), received[:80]
+        get_twice(host, port)
+
+
+def test_heads_under_the_limit_and_large_bodies_pass() -> None:
+    body = b"x" * 200_000  # sent with its head in one write: the body is not the head
+    post = (
+        b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+    with tcp_server("workers", NoDelayHttpToolsProtocol) as (host, port):
+        assert exchange(host, port, _head(60_000)).startswith(b"HTTP/1.1 200 ")
+        assert exchange(host, port, post).startswith(b"HTTP/1.1 200 ")
+        # Each request on a kept-alive connection has a limit of its own.
+        connection = http.client.HTTPConnection(host, port, timeout=5)
+        try:
+            statuses = []
+            for size in (40_000, 40_000, 70_000):
+                connection.putrequest("GET", "/")
+                connection.putheader("X-Padding", "a" * size)
+                connection.endheaders()
+                response = connection.getresponse()
+                response.read()
+                statuses.append(response.status)
+        finally:
+            connection.close()
+    assert statuses == [200, 200, 431]
+
+
+def test_control_plain_uvicorn_protocol_takes_any_head() -> None:
+    with tcp_server("workers", HttpToolsProtocol) as (host, port):
+        # Should this fail after a uvicorn or httptools upgrade, they limit heads themselves.
+        assert exchange(host, port, _head(1_000_000)).startswith(b"HTTP/1.1 200 ")
+
+
 def _socket_owners(state: str, port: int) -> list[int]:
     """The pid holding each TCP socket on local `port` in `state` (listening, established)."""
     listing = subprocess.run(
