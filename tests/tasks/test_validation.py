@@ -428,3 +428,22 @@ async def test_nul_byte_in_owner_filter_is_422(
     response = await client.get(f"/tasks?owner={owner}", headers=admin)
     assert_validation_error(response)
     assert response.json()["detail"][0]["loc"][:2] == ["query", "owner"]
+
+
+async def test_unknown_query_parameters_are_ignored_on_every_route(
+    client: httpx.AsyncClient, alice: dict[str, str], oidc: OIDCProvider
+) -> None:
+    """The same rule everywhere: a parameter a route does not know changes nothing."""
+    unknown = {"foo": "1", "owner_id": "bob", "limit": "1", "'; DROP TABLE tasks; --": "x"}
+    created = await client.post("/tasks", params=unknown, json={"title": "a"}, headers=alice)
+    assert created.status_code == 201
+    task = f"/tasks/{created.json()['id']}"
+    listed = await client.get("/tasks", params=unknown, headers=alice)
+    assert listed.status_code == 200
+    assert listed.json()["total"] == 1
+    assert listed.json()["page_size"] == 10  # "limit" is not an alias of page_size
+    assert (await client.get(task, params=unknown, headers=alice)).status_code == 200
+    patched = await client.patch(task, params=unknown, json={"title": "b"}, headers=alice)
+    assert patched.json()["title"] == "b"
+    admin = oidc.auth("root", roles=["admin"])
+    assert (await client.delete(task, params=unknown, headers=admin)).status_code == 204
