@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench lint format clean
+.PHONY: install run test bench lint audit format clean
 
 install: $(STAMP)
 
@@ -33,6 +33,13 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy taskapp tests bench
+	$(BIN)/bandit --quiet --configfile pyproject.toml --recursive taskapp bench
+
+## Known vulnerabilities in the pinned dependencies (needs the PyPI JSON API or OSV; fails
+## on any dependency it could not check).
+audit: install
+	$(BIN)/python -m pip install --quiet pip-audit==2.10.1
+	$(BIN)/pip-audit --strict --requirement requirements.lock
 
 format: install
 	$(BIN)/ruff format .

@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     serve = commands.add_parser("serve", help=cmd_serve.__doc__)
-    serve.add_argument("--host", default="0.0.0.0")  # noqa: S104 - a server's job
+    serve.add_argument("--host", default="0.0.0.0")  # noqa: S104 - a server's job  # nosec
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     serve.set_defaults(func=cmd_serve)

@@ -43,7 +43,8 @@ def embedded_postgres(data_dir: Path, database: str = DATABASE_NAME) -> Iterator
     server = pgserver.get_server(data_dir.resolve(), cleanup_mode="stop")
     try:
         # `database` is our constant or a test's generated name, never user input.
-        exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")  # noqa: S608
+        query = f"SELECT 1 FROM pg_database WHERE datname = '{database}';"  # noqa: S608  # nosec
+        exists = server.psql(query)
         if "(1 row)" not in exists:
             server.psql(f'CREATE DATABASE "{database}";')
         socket_dir = server.get_uri().split("host=", 1)[1]

@@ -58,7 +58,7 @@ def _backoff(attempt: int) -> float:
     """Exponential backoff with jitter: about backoff * 2**(attempt-1), capped."""
     config = settings.notifications
     ceiling = min(config.backoff_max, config.backoff * 2 ** (attempt - 1))
-    return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not secrecy
+    return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not secrecy  # nosec B311
 
 
 def deliver(notification_id: uuid.UUID) -> tuple[str, float]:
