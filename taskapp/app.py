@@ -165,7 +165,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         openapi_url="/openapi.json" if settings.docs_enabled else None,
         swagger_ui_init_oauth=swagger_oauth,
-        responses=error_responses(500),
+        # The body cap stands in front of every route, so any operation may answer 413.
+        responses=error_responses(413, 500),
     )
     app.state.settings = settings
     app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]

@@ -28,7 +28,7 @@ def json_bytes(body: bytes, status_code: int = status.HTTP_200_OK) -> Response:
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=TaskRead,
-    responses=error_responses(400, 413),
+    responses=error_responses(400),
 )
 async def create_task(
     body: TaskCreate, principal: UserPrincipal, service: TaskServiceDep
@@ -61,7 +61,7 @@ async def get_task(task_id: uuid.UUID, principal: UserPrincipal, reader: TaskRea
     return json_bytes(await reader.get(principal, task_id))
 
 
-@router.patch("/{task_id}", response_model=TaskRead, responses=error_responses(400, 404, 413))
+@router.patch("/{task_id}", response_model=TaskRead, responses=error_responses(400, 404))
 async def update_task(
     task_id: uuid.UUID, body: TaskUpdate, principal: UserPrincipal, service: TaskServiceDep
 ) -> Response:
