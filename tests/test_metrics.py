@@ -69,6 +69,13 @@ async def test_metrics_need_a_role_or_the_scrape_token(
         assert openmetrics.text.rstrip().endswith("# EOF")
 
 
+async def test_both_exposition_formats_are_documented(client: httpx.AsyncClient):
+    # The OpenMetrics answer was served but undocumented (found by `make fuzz`).
+    schema = (await client.get("/openapi.json")).json()
+    served = schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert set(served) == {"text/plain", "application/openmetrics-text"}
+
+
 async def test_a_real_scrape_passes_promtool(make_settings: SettingsFactory, oidc: OIDCProvider):
     promtool_path = promtool()
     async with running(create_app(make_settings(metrics_token=SCRAPE_TOKEN))) as client:

@@ -78,8 +78,12 @@ async def _authorize(request: Request) -> None:
     "/metrics",
     response_class=Response,
     responses={
-        200: {"content": {"text/plain": {}}, "description": "Prometheus exposition"},
-        **error_responses(401, 403, 429),
+        200: {
+            "content": {"text/plain": {}, "application/openmetrics-text": {}},
+            "description": "Prometheus text, or OpenMetrics when the Accept header asks for it",
+        },
+        # 503: a token's keys cannot be fetched from the identity provider.
+        **error_responses(401, 403, 429, 503),
     },
 )
 async def metrics(request: Request) -> Response:

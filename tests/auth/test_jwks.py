@@ -315,6 +315,17 @@ async def test_provider_down_from_the_start_is_503(
         assert response.status_code == 200, response.text
 
 
+async def test_metrics_with_the_provider_down_is_a_documented_503(
+    make_settings: SettingsFactory, provider: OIDCProvider
+) -> None:
+    # /metrics verifies tokens like /tasks, so it can answer 503 too; it was undocumented.
+    provider.down = True
+    async with started(make_settings, provider, jwks_refetch_cooldown=0) as client:
+        assert_provider_unavailable(await client.get("/metrics", headers=provider.auth()))
+        schema = (await client.get("/openapi.json")).json()
+        assert "503" in schema["paths"]["/metrics"]["get"]["responses"]
+
+
 async def test_unreachable_provider_is_503(make_settings: SettingsFactory) -> None:
     # Nothing listens on port 9 (discard) of loopback: connection refused.
     app = create_app(
