@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Self
+from typing import Annotated, Any, Self
 
 from pydantic import (
     AfterValidator,
@@ -14,6 +14,7 @@ from pydantic import (
     StringConstraints,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from taskapp.tasks.models import TaskStatus
 
@@ -52,14 +53,22 @@ class TaskCreate(BaseModel):
     status: TaskStatus = TaskStatus.PENDING
 
 
+def _update_schema(schema: dict[str, Any]) -> None:
+    # The documented body is what is accepted: at least one field; title and status may be
+    # left out but not set to null (their None defaults only mean "not sent").
+    schema["minProperties"] = 1
+    for name in ("title", "status"):
+        schema["properties"][name].pop("default", None)
+
+
 class TaskUpdate(BaseModel):
     """A partial update: only the fields sent change; at least one must be sent."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_update_schema)
 
-    title: Title | None = None
+    title: Title | SkipJsonSchema[None] = None
     description: Description | None = None
-    status: TaskStatus | None = None
+    status: TaskStatus | SkipJsonSchema[None] = None
 
     @model_validator(mode="after")
     def _meaningful(self) -> Self:
