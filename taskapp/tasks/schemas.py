@@ -34,13 +34,21 @@ def _storable(value: str) -> str:
     return value
 
 
+# _storable's rules in the OpenAPI schema, so that clients (and generated tests) know them.
+NO_NUL = Field(json_schema_extra={"pattern": "^[^\\u0000]*$"})
+# ... and a title is not whitespace alone (it is trimmed, then must not be empty).
+NOT_BLANK = Field(json_schema_extra={"pattern": "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$"})
+
 Title = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=TITLE_MAX),
     AfterValidator(_storable),
+    NOT_BLANK,
 ]
-Owner = Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(_storable)]
-Description = Annotated[str, Field(max_length=DESCRIPTION_MAX), AfterValidator(_storable)]
+Owner = Annotated[
+    str, StringConstraints(min_length=1, max_length=255), AfterValidator(_storable), NO_NUL
+]
+Description = Annotated[str, Field(max_length=DESCRIPTION_MAX), AfterValidator(_storable), NO_NUL]
 
 
 class TaskCreate(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -462,3 +463,26 @@ async def test_the_documented_patch_body_refuses_what_the_api_refuses(
     assert properties["status"] == {"$ref": "#/components/schemas/TaskStatus", "title": "Status"}
     assert "default" not in properties["title"]
     assert {"type": "null"} in properties["description"]["anyOf"]  # null clears it
+
+
+async def test_the_documented_strings_refuse_nul_and_blank_titles(
+    client: httpx.AsyncClient, alice: dict[str, str]
+) -> None:
+    # A NUL (or a title of whitespace alone) is a 422; the schema now says so with a pattern,
+    # so a client validating against it agrees with the API (found by `make fuzz`).
+    schema = (await client.get("/openapi.json")).json()
+    create = schema["components"]["schemas"]["TaskCreate"]["properties"]
+    title = create["title"]["pattern"]
+    description = create["description"]["anyOf"][0]["pattern"]
+    owner = next(
+        p["schema"]["anyOf"][0]["pattern"]
+        for p in schema["paths"]["/tasks"]["get"]["parameters"]
+        if p["name"] == "owner"
+    )
+    for pattern, refused in [(title, "a\x00b"), (title, " \t "), (description, "a\x00"),
+                             (owner, "\x00")]:  # fmt: skip
+        assert re.search(pattern, refused) is None, (pattern, refused)
+    for pattern, accepted in [(title, " x "), (title, "é😀"), (description, ""), (owner, "bob")]:
+        assert re.search(pattern, accepted), (pattern, accepted)
+    for body in ({"title": "a\x00b"}, {"title": " \t "}, {"title": "x", "description": "\x00"}):
+        assert_validation_error(await client.post("/tasks", json=body, headers=alice))
