@@ -20,7 +20,7 @@ from taskapp.body_limit import BodySizeLimitMiddleware
 from taskapp.cache import ResponseCache
 from taskapp.config import Settings, get_settings
 from taskapp.db import ConnectionGate, autocommit, create_engine
-from taskapp.errors import error_responses, install_error_handlers
+from taskapp.errors import HEAD_TOO_LARGE, error_responses, install_error_handlers
 from taskapp.notifications.celery_app import create_celery
 from taskapp.notifications.outbox import Outbox
 from taskapp.observability.database import instrument, probing
@@ -165,8 +165,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         openapi_url="/openapi.json" if settings.docs_enabled else None,
         swagger_ui_init_oauth=swagger_oauth,
-        # The body cap stands in front of every route, so any operation may answer 413.
-        responses=error_responses(413, 500),
+        # The body cap and the server's head limit stand in front of every route, so any
+        # operation may answer 413 or 431.
+        responses={**error_responses(413, 500), **HEAD_TOO_LARGE},
     )
     app.state.settings = settings
     app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]

@@ -70,6 +70,17 @@ _RESPONSES: dict[int, dict[str, Any]] = {
 }
 
 
+# Not from the app: `taskapp serve` (taskapp.serving) answers a request whose head is over
+# its limit before any route sees it, in plain text, and closes the connection.
+HEAD_TOO_LARGE: dict[int | str, dict[str, Any]] = {
+    431: {
+        "description": "The request line and headers exceed 64 KiB (taskapp serve); "
+        "the connection is closed",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+}
+
+
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for the given error statuses."""
     return {code: {"model": ErrorResponse, **_RESPONSES[code]} for code in codes}
