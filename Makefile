@@ -39,7 +39,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy taskapp tests bench reliability
-	$(BIN)/bandit --quiet --configfile pyproject.toml --recursive taskapp bench
+	$(BIN)/bandit --quiet --configfile pyproject.toml --recursive taskapp bench reliability
 
 ## Known vulnerabilities in the pinned dependencies (needs the PyPI JSON API or OSV; fails
 ## on any dependency it could not check).

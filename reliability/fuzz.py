@@ -128,6 +128,8 @@ HOSTILE_HEADERS: list[tuple[str, dict[str, str | bytes | None]]] = [
     ("token of 8 KB", {"Authorization": "Bearer " + "A" * 8192}),
     ("request id not UTF-8", {"X-Request-ID": b"\xff\xfe"}),
     ("request id of 8 KB", {"X-Request-ID": "r" * 8192}),
+    # past the 64 KiB head limit of `taskapp serve` (in-process, the app answers as usual)
+    ("a header of 80 KB", {"X-Padding": "p" * 80_000}),
     ("Accept OpenMetrics", {"Accept": "application/openmetrics-text; version=1.0.0"}),
     ("Accept XML only", {"Accept": "application/xml"}),
     ("Accept-Encoding nonsense", {"Accept-Encoding": "gzip;q=bogus, br;q=-1"}),
