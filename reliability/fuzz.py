@@ -474,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             ).raise_for_status()
             print(
                 f"taskapp serve (production, {args.workers} workers) on {base_url}; "
+                f"{sum(len(ops) for ops in document['paths'].values())} operations on "
                 f"{len(document['paths'])} paths from its /openapi.json; "
                 f"Schemathesis {schemathesis.__version__}, seed {args.seed}",
                 flush=True,
