@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench lint audit format clean
+.PHONY: install run test bench soak lint audit format clean
 
 install: $(STAMP)
 
@@ -29,11 +29,17 @@ test: install
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+## Sustained load (needs wrk): 10 minutes of mixed traffic at a fixed rate against 2 workers;
+## fails on any error, RSS growth, DB connections over the pools, or p99 drift.
+## SOAK_ARGS="--duration 120" for a shorter run; `.venv/bin/python -m reliability.soak --help`.
+soak: install
+	$(BIN)/python -m reliability.soak $(SOAK_ARGS)
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy taskapp tests bench
-	$(BIN)/bandit --quiet --configfile pyproject.toml --recursive taskapp bench
+	$(BIN)/mypy taskapp tests bench reliability
+	$(BIN)/bandit --quiet --configfile pyproject.toml --recursive taskapp bench reliability
 
 ## Known vulnerabilities in the pinned dependencies (needs the PyPI JSON API or OSV; fails
 ## on any dependency it could not check).
