@@ -8,6 +8,8 @@ service's PostgreSQL connections. It prints a table per segment and the verdicts
 
 - no error response and no socket error, warm-up included, and no warning in the server log;
 - the rate held (each segment within 5% of `--rate`) and the same worker processes throughout;
+  requests the schedule had to send over 10 ms late (every connection of a wrk thread busy)
+  are counted, since their wait before sending is not in wrk's latencies;
 - the RSS of each worker grew less than 10% from the end of the warm-up to the end;
 - PostgreSQL connections never above workers x (pool_size + max_overflow);
 - p99 of the last segment at most 1.5x that of the first.
@@ -70,6 +72,10 @@ class Segment:
     max_ms: float
     errors: int
     error_kinds: dict[str, int]
+    # Requests sent over 10 ms after their slot (all of a thread's connections were busy);
+    # wrk times from the sending, so that wait is not in the percentiles.
+    late: int
+    late_max_ms: float
     rss_mib: dict[int, float] = field(default_factory=dict)  # last sample in the segment
     db_connections: int = 0  # the most seen in the segment
 
@@ -176,6 +182,8 @@ def _segment(name: str, started: float, ended: float, raw: dict[str, Any]) -> Se
         max_ms=raw["max_us"] / 1000,
         errors=sum(errors.values()),
         error_kinds=errors,
+        late=raw["late"],
+        late_max_ms=raw["late_max_us"] / 1000,
     )
 
 
@@ -223,11 +231,15 @@ def verdicts(
     )
 
     slowest = min(measured, key=lambda s: s.rps) if measured else None
+    late = sum(s.late for s in measured)
     out.append(
         Verdict(
             f"rate held (each segment >= {1 - RATE_TOLERANCE:.0%} of {rate:g} req/s)",
             slowest is not None and slowest.rps >= rate * (1 - RATE_TOLERANCE),
-            f"lowest {slowest.rps:.1f} req/s (segment {slowest.name})" if slowest else "no data",
+            f"lowest {slowest.rps:.1f} req/s (segment {slowest.name}); {late:,} requests sent "
+            f"> 10 ms late (max {max(s.late_max_ms for s in measured):.0f} ms)"
+            if slowest
+            else "no data",
         )
     )
 
@@ -290,7 +302,7 @@ def _table(segments: list[Segment], pids: list[int], segment_seconds: float) -> 
     rss_heads = " ".join(f"{'RSS ' + str(pid):>12}" for pid in pids)
     lines = [
         f"{unit:>8} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'errors':>6} "
-        f"{rss_heads} {'DB conns':>8}"
+        f"{'late':>6} {rss_heads} {'DB conns':>8}"
     ]
     for s in segments:
         rss = " ".join(
@@ -298,7 +310,7 @@ def _table(segments: list[Segment], pids: list[int], segment_seconds: float) -> 
         )
         lines.append(
             f"{s.name:>8} {s.rps:>7.1f} {s.p50_ms:>7.1f} {s.p99_ms:>7.1f} {s.max_ms:>7.1f} "
-            f"{s.errors:>6} {rss} {s.db_connections:>8}"
+            f"{s.errors:>6} {s.late:>6} {rss} {s.db_connections:>8}"
         )
     return "\n".join(lines)
 

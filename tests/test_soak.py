@@ -12,7 +12,7 @@ from reliability.soak import MIB, Sample, Segment, main, verdicts
 
 
 def _segment(name: str, started: float, *, rps: float = 100, p99: float = 20) -> Segment:
-    return Segment(name, started, started + 10, int(rps * 10), rps, 5, p99, p99 * 2, 0, {})
+    return Segment(name, started, started + 10, int(rps * 10), rps, 5, p99, p99 * 2, 0, {}, 0, 0)
 
 
 def _run(**changes: object) -> dict[str, bool]:
@@ -93,6 +93,7 @@ def test_a_short_soak_reports_every_figure(
         assert 0 < segment["p50_ms"] <= segment["p99_ms"]
         assert len(segment["rss_mib"]) == 2
         assert segment["db_connections"] > 0
+        assert segment["late"] >= 0
     assert len(document["samples"]) >= 20
     checks = {v["check"].split(" ")[0]: v for v in document["verdicts"]}
     assert set(checks) == {"errors", "server", "rate", "2", "RSS", "DB", "p99"}
@@ -100,5 +101,13 @@ def test_a_short_soak_reports_every_figure(
     for name in ("errors", "server", "2", "DB"):
         assert checks[name]["ok"], checks[name]
     assert status == (0 if all(v["ok"] for v in checks.values()) else 1)
-    for line in ("req/s", "p50 ms", "p99 ms", "DB conns", "RSS growth per worker", "p99 last"):
+    for line in (
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "late",
+        "DB conns",
+        "RSS growth per worker",
+        "p99 last",
+    ):
         assert line in out
