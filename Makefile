@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench fuzz lint audit format clean
+.PHONY: install run test bench fuzz soak lint audit format clean
 
 install: $(STAMP)
 
@@ -34,6 +34,12 @@ bench: install
 ## FUZZ_ARGS="--cases 10000 --seed 1" to change the run; `.venv/bin/python -m reliability.fuzz --help`.
 fuzz: install
 	$(BIN)/python -m reliability.fuzz $(FUZZ_ARGS)
+
+## Sustained load (needs wrk): 10 minutes of mixed traffic at a fixed rate against 2 workers;
+## fails on any error, RSS growth, DB connections over the pools, or p99 drift.
+## SOAK_ARGS="--duration 120" for a shorter run; `.venv/bin/python -m reliability.soak --help`.
+soak: install
+	$(BIN)/python -m reliability.soak $(SOAK_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -213,11 +213,19 @@ class Server:
                 self.process.wait()
 
 
-def _wrk(args: argparse.Namespace, server: Server, mode: str, users: Path, seconds: int) -> Any:
+def run_wrk(
+    args: argparse.Namespace,
+    server: Server,
+    mode: str,
+    users: Path,
+    seconds: float,
+    rate: float | None = None,
+) -> Any:
+    """One wrk run of `seconds`; closed loop, or paced at `rate` req/s (all threads)."""
     command = [
-        "wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds}s", "--timeout", "5s",
+        "wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{seconds:g}s", "--timeout", "5s",
         "-s", str(LUA), server.base, "--", mode, str(users), str(server.ceiling_bytes),
-        str(args.threads),
+        str(args.threads), f"{rate:g}" if rate else "0",
     ]  # fmt: skip
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     line = next(line for line in reversed(output.splitlines()) if line.startswith("{"))
@@ -228,9 +236,9 @@ def _run_scenario(
     args: argparse.Namespace, server: Server, scenario: Scenario, users: Path
 ) -> Result:
     if args.warmup:
-        _wrk(args, server, scenario.mode, users, args.warmup)
+        run_wrk(args, server, scenario.mode, users, args.warmup)
     hits_before, lookups_before = server.cache_counts()
-    raw = _wrk(args, server, scenario.mode, users, args.duration)
+    raw = run_wrk(args, server, scenario.mode, users, args.duration)
     hits_after, lookups_after = server.cache_counts()
     lookups = lookups_after - lookups_before
     return Result(
@@ -250,7 +258,7 @@ def _run_scenario(
     )
 
 
-def _machine(database_url: str, redis_url: str) -> dict[str, Any]:
+def machine_facts(database_url: str, redis_url: str) -> dict[str, Any]:
     cpu = next(
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
          if line.startswith("model name")),
@@ -330,6 +338,90 @@ def _services(work: Path) -> Iterator[tuple[str, str]]:
         yield database_url, redis_url
 
 
+@dataclass
+class Prepared:
+    """A migrated scratch database seeded with a data set, and the Redis beside it."""
+
+    database_url: str  # psycopg form
+    async_url: str  # the service's form
+    redis_url: str
+    dataset: Dataset
+    seed_seconds: float
+
+
+def prepare_data(stack: contextlib.ExitStack, work: Path, args: argparse.Namespace) -> Prepared:
+    """Services (local or embedded, released by `stack`), migrated and seeded per `args`."""
+    database_url, redis_url = stack.enter_context(_services(work))
+    async_url = database_url.replace("postgresql://", "postgresql+asyncpg://", 1)
+    upgrade_database(async_url)
+    started = time.monotonic()
+    dataset = seed(database_url, rows=args.rows, owners=args.owners)
+    seeded = time.monotonic() - started
+    print(f"seeded {dataset.rows:,} tasks of {len(dataset.owners):,} owners in {seeded:.1f} s")
+    return Prepared(database_url, async_url, redis_url, dataset, seeded)
+
+
+@dataclass
+class Service:
+    """The service under load, its users' tokens and its settings."""
+
+    server: Server
+    env: dict[str, str]
+    users: Path  # the wrk script's users file
+    hot: str  # the owner of scenario 1
+    minted: int
+    page: bytes  # page 1 of the hot owner
+
+
+def start_service(
+    stack: contextlib.ExitStack,
+    work: Path,
+    args: argparse.Namespace,
+    data: Prepared,
+    label: str = "bench",
+) -> Service:
+    """A local OIDC provider, tokens for `args.users` owners, and the server in production
+    mode with `args.workers` workers, ready; all stopped (keys forgotten) by `stack`."""
+    provider = stack.enter_context(contextlib.contextmanager(serve_provider)())
+    users = work / "users.tsv"
+    started = time.monotonic()
+    hot, minted = _users_file(users, provider, data.dataset, args.users)
+    print(f"\nminted tokens for {minted:,} owners in {time.monotonic() - started:.1f} s")
+
+    prefix = f"{label}-{uuid.uuid4().hex[:12]}:"
+    env = {
+        "TASKAPP_ENV": "production",
+        "TASKAPP_LOG_LEVEL": args.log_level,
+        "TASKAPP_DATABASE_URL": data.async_url,
+        "TASKAPP_REDIS_URL": data.redis_url,
+        "TASKAPP_REDIS_KEY_PREFIX": prefix,
+        "TASKAPP_OIDC_ISSUER": provider.issuer,
+        "TASKAPP_METRICS_TOKEN": secrets.token_urlsafe(32),
+        "TASKAPP_NOTIFICATIONS_QUEUE": f"{prefix}notifications",
+        # Far above the load, so the limiter is exercised but never decides.
+        "TASKAPP_RATE_LIMIT": "1000000/second",
+    }
+    env.update(item.split("=", 1) for item in args.env)
+    server = Server(env, args.workers, work / "server.log")
+    stack.callback(_forget_keys, data.redis_url, prefix)
+    stack.callback(server.stop)
+    sizes = dict(zip(data.dataset.owners, data.dataset.sizes, strict=True))
+    page = server.wait_ready(provider.token(hot), sizes[hot])
+    server.ceiling_bytes = len(page)
+    return Service(server, env, users, hot, minted, page)
+
+
+def present_tokens(args: argparse.Namespace, service: Service) -> None:
+    """Every token to every worker, as clients with live sessions will have done: a token's
+    first request verifies its signature, later ones reuse the claims. Each wrk run opens new
+    connections, which the kernel spreads over the workers at random, so a few passes reach
+    every worker with every thread's users."""
+    for _ in range(TOKEN_PASSES):
+        run_wrk(
+            args, service.server, "tokens", service.users, max(1, math.ceil(service.minted / 2000))
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     if shutil.which("wrk") is None:
@@ -337,21 +429,15 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [int(n) for n in args.scenarios.split(",")]
     scenarios = [next(s for s in SCENARIOS if s.number == n) for n in chosen]
     work = Path(tempfile.mkdtemp(prefix="taskapp-bench-"))
-    prefix = f"bench-{uuid.uuid4().hex[:12]}:"
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, work, ignore_errors=True)
-        database_url, redis_url = stack.enter_context(_services(work))
-        async_url = database_url.replace("postgresql://", "postgresql+asyncpg://", 1)
-        upgrade_database(async_url)
-        started = time.monotonic()
-        dataset = seed(database_url, rows=args.rows, owners=args.owners)
-        seeded = time.monotonic() - started
-        print(f"seeded {dataset.rows:,} tasks of {len(dataset.owners):,} owners in {seeded:.1f} s")
+        data = prepare_data(stack, work, args)
+        database_url, redis_url, dataset = data.database_url, data.redis_url, data.dataset
 
         heavy = dataset.owners[0]
         plans: list[Plan] = asyncio.run(
             explain_scenarios(
-                async_url,
+                data.async_url,
                 owner=heavy,
                 deep_offset=(dataset.sizes[0] // PAGE_SIZE - 1) * PAGE_SIZE,
                 task_id=dataset.sample_ids[heavy][0],
@@ -362,44 +448,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {plan.scenario:<18} {'one partition, index' if plan.ok else 'CHECK FAILED'}"
                   f"  {plan.summary()}")  # fmt: skip
 
-        provider = stack.enter_context(contextlib.contextmanager(serve_provider)())
-        users = work / "users.tsv"
-        started = time.monotonic()
-        hot, minted = _users_file(users, provider, dataset, args.users)
-        print(f"\nminted tokens for {minted:,} owners in {time.monotonic() - started:.1f} s")
-
-        queue = f"{prefix}notifications"
-        env = {
-            "TASKAPP_ENV": "production",
-            "TASKAPP_LOG_LEVEL": args.log_level,
-            "TASKAPP_DATABASE_URL": async_url,
-            "TASKAPP_REDIS_URL": redis_url,
-            "TASKAPP_REDIS_KEY_PREFIX": prefix,
-            "TASKAPP_OIDC_ISSUER": provider.issuer,
-            "TASKAPP_METRICS_TOKEN": secrets.token_urlsafe(32),
-            "TASKAPP_NOTIFICATIONS_QUEUE": queue,
-            # Far above the load, so the limiter is exercised but never decides.
-            "TASKAPP_RATE_LIMIT": "1000000/second",
-        }
-        env.update(item.split("=", 1) for item in args.env)
-        server = Server(env, args.workers, work / "server.log")
-        stack.callback(_forget_keys, redis_url, prefix)
-        stack.callback(server.stop)
-        sizes = dict(zip(dataset.owners, dataset.sizes, strict=True))
-        page = server.wait_ready(provider.token(hot), sizes[hot])
-        server.ceiling_bytes = len(page)
-
+        service = start_service(stack, work, args, data)
+        server, env = service.server, service.env
         print(
             f"\n{args.workers} workers; wrk -t{args.threads} -c{args.connections}, "
             f"{args.warmup} s warm-up + {args.duration} s per scenario; "
-            f"the ceiling answers {len(page)} bytes like page 1 of the hot owner\n"
+            f"the ceiling answers {len(service.page)} bytes like page 1 of the hot owner\n"
         )
-        # Every token to every worker, as clients with live sessions will have done: a
-        # token's first request verifies its signature, later ones reuse the claims. Each
-        # wrk run opens new connections, which the kernel spreads over the workers at
-        # random, so a few passes reach every worker with every thread's users.
-        for _ in range(TOKEN_PASSES):
-            _wrk(args, server, "tokens", users, max(1, math.ceil(minted / 2000)))
+        present_tokens(args, service)
+        users = service.users
         results: list[Result] = []
         for scenario in scenarios:
             result = _run_scenario(args, server, scenario, users)
@@ -416,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         problems = server.problems()
         server.stop()
 
-        machine = _machine(database_url, redis_url)
+        machine = machine_facts(database_url, redis_url)
         print()
         print(_table(results))
         print(
@@ -435,9 +492,10 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine,
             "settings": {
                 k: v for k, v in vars(args).items() if k not in {"env"}
-            } | {"server_env": _shareable(env)},
+            } | {"server_env": shareable_env(env)},
             "dataset": {"rows": dataset.rows, "owners": len(dataset.owners),
-                        "largest_owner": max(dataset.sizes), "seed_seconds": round(seeded, 1)},
+                        "largest_owner": max(dataset.sizes),
+                        "seed_seconds": round(data.seed_seconds, 1)},
             "plans": [asdict(plan) | {"ok": plan.ok} for plan in plans],
             "results": [asdict(r) | {"meets_target": r.meets_target} for r in results],
             "server_log_problems": problems[:20],
@@ -454,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _shareable(env: dict[str, str]) -> dict[str, str]:
+def shareable_env(env: dict[str, str]) -> dict[str, str]:
     """The server settings fit for a results file: no token, no password in a URL."""
     shown = {}
     for name, value in env.items():

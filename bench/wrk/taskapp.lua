@@ -1,5 +1,5 @@
 -- wrk script for the taskapp benchmark:
---   wrk -tN -cN ... -s taskapp.lua URL -- SCENARIO USERS_FILE SIZE N
+--   wrk -tN -cN ... -s taskapp.lua URL -- SCENARIO USERS_FILE SIZE N [RATE]
 --
 -- USERS_FILE has one line per user: token <TAB> pages of 10 tasks <TAB> comma-separated task ids.
 -- Scenarios: hot (page 1, first user), list (random user, any of their pages, the last
@@ -10,7 +10,13 @@
 -- A user is a client: wrk thread k (of N) sends only users k, k + N, k + 2N, ... over its
 -- own connections, so a user's requests stay on one keep-alive connection, hence on one
 -- server worker, as a real client's do.
--- done() prints one JSON line: requests, duration, latency percentiles (microseconds), errors.
+-- RATE (requests per second, all threads together) paces the load: each thread sends its
+-- share on a fixed schedule (open loop while the server keeps up) instead of back to back.
+-- Its requests take the next free slot of that schedule, so a late response is made up by
+-- the following ones and the rate holds. Without RATE no delay() is defined and wrk runs
+-- closed loop, as fast as the server answers.
+-- done() prints one JSON line: requests, duration, latency percentiles (microseconds), late
+-- requests of a paced run, errors.
 
 local users = {}
 local first_auth
@@ -29,6 +35,47 @@ local function split(s, sep)
 end
 
 local threads = {}
+
+local ffi = require("ffi")
+ffi.cdef([[
+typedef struct { long tv_sec; long tv_nsec; } taskapp_timespec;
+int clock_gettime(int clock, taskapp_timespec *tp);
+]])
+local CLOCK_MONOTONIC = 1
+local timespec = ffi.new("taskapp_timespec")
+
+local function now_us()
+  ffi.C.clock_gettime(CLOCK_MONOTONIC, timespec)
+  return tonumber(timespec.tv_sec) * 1e6 + tonumber(timespec.tv_nsec) / 1e3
+end
+
+-- Paced requests sent more than LATE_US after their slot (every connection of the thread was
+-- busy): wrk times a request from its sending, so their wait is not in the percentiles.
+-- Globals, so that done() can read them from each thread.
+local LATE_US = 10000
+late = 0
+late_max_us = 0
+
+-- The schedule of a paced thread: one slot every `interval` microseconds.
+local function pace(interval)
+  local next_slot
+  return function()
+    local now = now_us()
+    -- Threads start at random points of their first interval, not all at once.
+    next_slot = next_slot or (now + math.random() * interval)
+    local slot = next_slot
+    next_slot = next_slot + interval
+    if slot <= now then
+      local behind = now - slot
+      if behind > LATE_US then
+        late = late + 1
+      end
+      late_max_us = math.max(late_max_us, behind)
+      return 0
+    end
+    return math.floor((slot - now) / 1000)
+  end
+end
 
 function setup(thread)
   thread:set("tid", #threads + 1)
@@ -53,6 +100,11 @@ function init(args)
     index = index + 1
   end
   math.randomseed(os.time() * 100 + (tid or 0))
+  local rate = tonumber(args[5] or "")
+  if rate and rate > 0 then
+    -- wrk looks for a global delay() after init(), so only a paced run defines one.
+    delay = pace(1e6 * nthreads / rate)
+  end
 end
 
 local function list(user)
@@ -108,11 +160,17 @@ end
 
 function done(summary, latency, requests)
   local e = summary.errors
+  local late_total, late_max = 0, 0
+  for _, thread in ipairs(threads) do
+    late_total = late_total + (thread:get("late") or 0)
+    late_max = math.max(late_max, thread:get("late_max_us") or 0)
+  end
   io.write(string.format(
     '{"requests":%d,"duration_us":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,'
+      .. '"late":%d,"late_max_us":%d,'
       .. '"errors":{"connect":%d,"read":%d,"write":%d,"timeout":%d,"status":%d}}\n',
     summary.requests, summary.duration,
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
-    e.connect, e.read, e.write, e.timeout, e.status
+    late_total, late_max, e.connect, e.read, e.write, e.timeout, e.status
   ))
 end
