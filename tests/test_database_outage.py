@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import pgserver
-import psutil
 
 from taskapp.app import create_app
 from tests.conftest import running
+from tests.fixtures.services import signal_cluster
 
 
 def _start_again(data_dir: Path) -> None:
@@ -53,13 +53,6 @@ async def test_outage_is_503_and_recovery_is_automatic(private_postgres, make_se
         assert (await client.get("/readyz")).status_code == 200
 
 
-def _signal_cluster(data_dir: Path, signum: int) -> None:
-    """Send `signum` to the postmaster and every backend of the cluster in `data_dir`."""
-    postmaster = psutil.Process(int((data_dir / "postmaster.pid").read_text().split()[0]))
-    for process in [postmaster, *postmaster.children(recursive=True)]:
-        process.send_signal(signum)
-
-
 async def test_frozen_database_is_503_within_the_timeouts(private_postgres, make_settings, oidc):
     """A server that accepts nothing and answers nothing (stopped, not refused)."""
     url, data_dir = private_postgres
@@ -69,14 +62,14 @@ async def test_frozen_database_is_503_within_the_timeouts(private_postgres, make
     )
     async with running(create_app(settings)) as client:
         assert (await client.post("/tasks", json={"title": "x"}, headers=auth)).status_code == 201
-        _signal_cluster(data_dir, signal.SIGSTOP)
+        signal_cluster(data_dir, signal.SIGSTOP)
         try:
             started = time.monotonic()
             # Bounded here too, so a regression fails the test instead of hanging it.
             response = await asyncio.wait_for(client.get("/tasks", headers=auth), 10)
             elapsed = time.monotonic() - started
         finally:
-            _signal_cluster(data_dir, signal.SIGCONT)
+            signal_cluster(data_dir, signal.SIGCONT)
         assert response.status_code == 503, response.text
         assert response.json() == {"detail": "Database unavailable"}
         assert elapsed < 4
