@@ -123,6 +123,13 @@ def unavailable_reason(exc: BaseException) -> str | None:
             return "Database unavailable"
         if type(exc.orig).__name__ in {"QueryCanceledError", "AdminShutdownError"}:
             return "Database unavailable"
+        # The server's own word that it cannot serve now, whatever the driver's class for
+        # it: 08 connection exception, 53 insufficient resources (too many connections),
+        # 57 operator intervention ("the database system is shutting down" / "is starting
+        # up" while a connection is made, 57P03, a plain DBAPIError to SQLAlchemy).
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate[:2] in {"08", "53", "57"}:
+            return "Database unavailable"
         return None
     # asyncpg raises plain OS errors (refused, reset, timed out) when it cannot connect.
     if isinstance(exc, OSError):

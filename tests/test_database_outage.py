@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from pathlib import Path
@@ -51,6 +52,27 @@ async def test_outage_is_503_and_recovery_is_automatic(private_postgres, make_se
         # The write refused during the outage left nothing behind; the earlier one survived.
         assert [task["title"] for task in listed.json()["items"]] == ["before"]
         assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_server_shutting_down_is_503(private_postgres, make_settings, oidc):
+    """A server in its smart shutdown (SIGTERM, sessions still open) refuses new
+    connections with SQLSTATE 57P03, as it does while it starts up: 503, not 500."""
+    import asyncpg
+
+    url, data_dir = private_postgres
+    # An open session keeps the server shutting down instead of stopped.
+    held = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        postmaster = int((data_dir / "postmaster.pid").read_text().split()[0])
+        os.kill(postmaster, signal.SIGTERM)
+        app = create_app(make_settings(database={"url": url, "connect_timeout": 2}))
+        async with running(app) as client:
+            for method, path, body in (("GET", "/tasks", None), ("POST", "/tasks", {"title": "x"})):
+                response = await client.request(method, path, json=body, headers=oidc.auth())
+                assert response.status_code == 503, response.text
+                assert response.json() == {"detail": "Database unavailable"}
+    finally:
+        await held.close()
 
 
 async def test_frozen_database_is_503_within_the_timeouts(private_postgres, make_settings, oidc):
