@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench lint format clean
+.PHONY: install run test bench chaos lint format clean
 
 install: $(STAMP)
 
@@ -29,10 +29,15 @@ test: install
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+## Faults under load (real PostgreSQL, Redis, nginx stopped and started): one table per scenario.
+## CHAOS_ARGS="--scenarios postgres,redis --duration 6"; `.venv/bin/python -m reliability.chaos --help`.
+chaos: install
+	$(BIN)/python -m reliability.chaos $(CHAOS_ARGS)
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy taskapp tests bench
+	$(BIN)/mypy taskapp tests bench reliability
 
 format: install
 	$(BIN)/ruff format .

@@ -1,0 +1,1 @@
+"""Reliability runs: faults (chaos), hostile input (fuzz) and sustained load (soak)."""
