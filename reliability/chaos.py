@@ -8,8 +8,10 @@ Scenarios (in this order unless `--scenarios` says otherwise):
   redis-fail-closed  the same with TASKAPP_RATE_LIMIT_FAIL_CLOSED=true: 503s, then recovery
   sigterm            SIGTERM to `taskapp serve` with requests in flight: they complete
   rolling            two instances behind nginx restarted one by one: no request dropped
-  rolling-no-drain   the same without taking an instance out of nginx first (not in the
-                     default set: shows what a restart costs when the proxy is not told)
+  mail               broker, worker and mail server faults while tasks are created: every
+                     task answered 201 mailed exactly once
+  rolling-no-drain   the same as rolling without taking an instance out of nginx first (not
+                     in the default set: what a restart costs when the proxy is not told)
 
 Every scenario prints requests sent, answers by status, requests without an HTTP answer,
 writes answered 201 and writes lost (201 but not in the database), and its own checks. The
@@ -27,6 +29,7 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from reliability.chaos_mail import mail_faults
 from reliability.chaos_scenarios import (
     Options,
     Report,
@@ -46,8 +49,9 @@ SCENARIOS: dict[str, Scenario] = {
     "sigterm": sigterm,
     "rolling": rolling_restart,
     "rolling-no-drain": lambda s, o: rolling_restart(s, o, drain=False),
+    "mail": mail_faults,
 }
-DEFAULT = "postgres,redis,redis-fail-closed,sigterm,rolling"
+DEFAULT = "postgres,redis,redis-fail-closed,sigterm,rolling,mail"
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -60,6 +64,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=12, help="seconds of load per scenario")
     parser.add_argument("--outage", type=float, default=4, help="seconds a server stays down")
     parser.add_argument("--concurrency", type=int, default=16, help="clients at once")
+    parser.add_argument(
+        "--think", type=float, default=0.0, help="seconds each client waits between requests"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args(argv)
     unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
@@ -89,7 +96,7 @@ def table(report: Report) -> str:
 
 
 async def _run(args: argparse.Namespace, services: Stack, work: Path) -> list[Report]:
-    options = Options(args.duration, args.outage, args.concurrency, work)
+    options = Options(args.duration, args.outage, args.concurrency, work, args.think)
     reports = []
     for name in args.scenarios.split(","):
         print(f"-- {name}: {args.duration:g} s of load, {args.concurrency} clients", flush=True)

@@ -38,6 +38,7 @@ class Load:
     write_share: float = 0.5
     timeout: float = 15.0
     keepalive: bool = True
+    think: float = 0.0  # seconds each client waits between its requests
     answers: list[Answer] = field(default_factory=list)
     created: dict[str, str] = field(default_factory=dict)  # task id -> title
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -65,6 +66,8 @@ class Load:
         headers = {"Authorization": f"Bearer {token}"}
         mine: list[str] = []
         while not self._stopping.is_set():
+            if self.think:
+                await asyncio.sleep(self.think)
             if not mine or rng.random() < self.write_share:
                 title = f"chaos {self.run} {next(self._numbers)}"
                 answer, body = await self._send(

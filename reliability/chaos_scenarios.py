@@ -48,16 +48,17 @@ class Options:
     outage: float  # seconds a stopped server stays down
     concurrency: int
     work: Path
+    think: float = 0.0  # seconds each client waits between its requests
 
 
-def _load(stack: Stack, base_url: str, options: Options, **settings: Any) -> Load:
+def new_load(stack: Stack, base_url: str, options: Options, **settings: Any) -> Load:
     """A load of `options.concurrency` clients, one user each, with a run id of its own."""
     run = uuid.uuid4().hex[:8]
     return Load(base_url, stack.tokens(run, options.concurrency), run, options.concurrency,
-                **settings)  # fmt: skip
+                think=options.think, **settings)  # fmt: skip
 
 
-async def _under_load(load: Load, fault: Callable[[], Awaitable[None]]) -> None:
+async def under_load(load: Load, fault: Callable[[], Awaitable[None]]) -> None:
     """Load from before the fault until after it; every request has its answer on return."""
     driving = asyncio.create_task(load.drive())
     try:
@@ -67,7 +68,7 @@ async def _under_load(load: Load, fault: Callable[[], Awaitable[None]]) -> None:
         await driving
 
 
-async def _report(name: str, stack: Stack, load: Load, checks: list[Check]) -> Report:
+async def make_report(name: str, stack: Stack, load: Load, checks: list[Check]) -> Report:
     stored = await stack.postgres.titles(f"chaos {load.run} ")
     lost = [task for task in load.created if task not in stored]
     tally = Tally.of(load.answers)
@@ -117,7 +118,7 @@ async def postgres_outage(stack: Stack, options: Options) -> Report:
     await asyncio.to_thread(instance.start)
     assert instance.process is not None
     pid = instance.process.pid
-    load = _load(stack, instance.base_url, options)
+    load = new_load(stack, instance.base_url, options)
     db_up: list[float | None] = []
     window: list[float] = []
     recovery: list[float | None] = []
@@ -138,7 +139,7 @@ async def postgres_outage(stack: Stack, options: Options) -> Report:
         await asyncio.sleep(max(0.5, options.duration / 3))
 
     try:
-        await _under_load(load, fault)
+        await under_load(load, fault)
     finally:
         alive = instance.process.poll() is None
         instance.kill()
@@ -173,16 +174,16 @@ async def postgres_outage(stack: Stack, options: Options) -> Report:
         ),
         Check("same server process throughout (no restart)", f"pid {pid}", alive),
         Check("requests during the outage", str(len(during)), bool(during)),
-        *_log_checks(instance),
+        *log_checks(instance),
     ]
-    return await _report("postgres", stack, load, checks)
+    return await make_report("postgres", stack, load, checks)
 
 
 async def _is(value: Awaitable[float | None], expected: float) -> bool:
     return await value == expected
 
 
-def _log_checks(*instances: Instance) -> list[Check]:
+def log_checks(*instances: Instance) -> list[Check]:
     problems = [line for i in instances for line in i.log_problems()]
     return [
         Check(
@@ -196,7 +197,7 @@ async def redis_outage(stack: Stack, options: Options, *, fail_closed: bool = Fa
     env = stack.env(TASKAPP_RATE_LIMIT_FAIL_CLOSED=str(fail_closed).lower())
     instance = Instance(options.work / ("redis-closed" if fail_closed else "redis"), env)
     await asyncio.to_thread(instance.start)
-    load = _load(stack, instance.base_url, options)
+    load = new_load(stack, instance.base_url, options)
     window: list[float] = []
     ready: list[int] = []
     recovery: list[float | None] = []
@@ -222,7 +223,7 @@ async def redis_outage(stack: Stack, options: Options, *, fail_closed: bool = Fa
         await asyncio.sleep(max(0.5, options.duration / 3))
 
     try:
-        await _under_load(load, fault)
+        await under_load(load, fault)
     finally:
         instance.kill()
     during = [a for a in load.answers if window[0] <= a.started < window[1]]
@@ -236,7 +237,7 @@ async def redis_outage(stack: Stack, options: Options, *, fail_closed: bool = Fa
             "never" if recovery[0] is None else f"after {recovery[0]:.2f} s",
             recovery[0] is not None,
         ),
-        *_log_checks(instance),
+        *log_checks(instance),
     ]
     if fail_closed:
         checks += [
@@ -262,7 +263,7 @@ async def redis_outage(stack: Stack, options: Options, *, fail_closed: bool = Fa
             ),
             Check("longest request while down ≤ 2 s", f"{longest:.2f} s", longest <= 2),
         ]
-    return await _report("redis-fail-closed" if fail_closed else "redis", stack, load, checks)
+    return await make_report("redis-fail-closed" if fail_closed else "redis", stack, load, checks)
 
 
 async def sigterm(stack: Stack, options: Options) -> Report:
@@ -272,7 +273,7 @@ async def sigterm(stack: Stack, options: Options) -> Report:
     (read, waiting on its INSERT) when the signal comes; the database thaws after it."""
     instance = Instance(options.work / "sigterm", stack.env())
     await asyncio.to_thread(instance.start)
-    load = _load(stack, instance.base_url, options, write_share=1.0)
+    load = new_load(stack, instance.base_url, options, write_share=1.0)
     signalled: list[float] = []
     exit_codes: list[int | None] = []
 
@@ -293,7 +294,7 @@ async def sigterm(stack: Stack, options: Options) -> Report:
             exit_codes.append(None)
 
     try:
-        await _under_load(load, fault)
+        await under_load(load, fault)
     finally:
         instance.kill()
     moment = signalled[0]
@@ -307,9 +308,9 @@ async def sigterm(stack: Stack, options: Options) -> Report:
         ),
         _no_transport_errors(load.answers),
         Check("exit code after SIGTERM", str(exit_codes[0]), exit_codes[0] == 0),
-        *_log_checks(instance),
+        *log_checks(instance),
     ]
-    return await _report("sigterm", stack, load, checks)
+    return await make_report("sigterm", stack, load, checks)
 
 
 async def rolling_restart(stack: Stack, options: Options, *, drain: bool = True) -> Report:
@@ -323,7 +324,7 @@ async def rolling_restart(stack: Stack, options: Options, *, drain: bool = True)
     nginx = Nginx(options.work / "nginx", [a.port, b.port])
     # A new connection per request: a keep-alive connection that nginx closes on a reload
     # could race with the next request on it, a client-side matter this run does not test.
-    load = _load(stack, nginx.base_url, options, keepalive=False)
+    load = new_load(stack, nginx.base_url, options, keepalive=False)
     exit_codes: list[int] = []
 
     async def fault() -> None:
@@ -339,7 +340,7 @@ async def rolling_restart(stack: Stack, options: Options, *, drain: bool = True)
             await asyncio.sleep(max(0.5, options.duration / 6))
 
     try:
-        await _under_load(load, fault)
+        await under_load(load, fault)
     finally:
         nginx.stop()
         a.kill()
@@ -358,6 +359,6 @@ async def rolling_restart(stack: Stack, options: Options, *, drain: bool = True)
             " ".join(map(str, exit_codes)),
             len(exit_codes) == 2 and set(exit_codes) <= {0, -signal.SIGTERM},
         ),
-        *_log_checks(a, b),
+        *log_checks(a, b),
     ]
-    return await _report("rolling" if drain else "rolling-no-drain", stack, load, checks)
+    return await make_report("rolling" if drain else "rolling-no-drain", stack, load, checks)

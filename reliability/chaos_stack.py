@@ -51,11 +51,14 @@ class Postgres:
     def thaw(self) -> None:
         signal_cluster(self.data_dir, signal.SIGCONT)
 
+    @property
+    def dsn(self) -> str:
+        """The URL for asyncpg itself."""
+        return self.url.replace("postgresql+asyncpg://", "postgresql://")
+
     async def titles(self, prefix: str) -> dict[str, str]:
         """id -> title of every task whose title starts with `prefix`."""
-        connection = await asyncpg.connect(
-            self.url.replace("postgresql+asyncpg://", "postgresql://")
-        )
+        connection = await asyncpg.connect(self.dsn)
         try:
             rows = await connection.fetch(
                 "SELECT id::text, title FROM tasks WHERE title LIKE $1", prefix + "%"

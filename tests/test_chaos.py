@@ -41,3 +41,14 @@ def test_rolling_restart_behind_nginx_drops_nothing(capsys):
     figures = _figures(_run("rolling", capsys), "rolling")
     assert figures["2xx"] == figures["requests sent"]
     assert figures["lost writes (201, not in the database)"] == "0"
+
+
+def test_broker_worker_and_mail_faults_under_load_mail_each_task_once(capsys):
+    # A light load: solo workers deliver a few dozen mails a second, all checked afterwards.
+    status = main(["--scenarios", "mail", "--duration", "3", "--outage", "1.5",
+                   "--concurrency", "2", "--think", "0.1"])  # fmt: skip
+    output = capsys.readouterr().out
+    assert status == 0, output
+    figures = _figures(output, "mail")
+    assert figures["lost writes (201, not in the database)"] == "0"
+    assert int(figures["writes answered 201"]) > 0
