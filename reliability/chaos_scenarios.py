@@ -75,6 +75,13 @@ async def make_report(name: str, stack: Stack, load: Load, checks: list[Check]) 
     return Report(name, tally, len(load.created), len(lost), checks)
 
 
+def took(name: str, seconds: float | None) -> Check:
+    """A check that something happened (after `seconds`), or failed: it never did."""
+    return Check(
+        name, "never" if seconds is None else f"after {seconds:.2f} s", seconds is not None
+    )
+
+
 def _no_transport_errors(answers: list[Answer]) -> Check:
     errors = [a for a in answers if a.error]
     return Check("no request without an HTTP answer", str(len(errors)), not errors)
@@ -162,11 +169,7 @@ async def postgres_outage(stack: Stack, options: Options) -> Report:
             " ".join("-" if v is None else f"{v:.0f}" for v in db_up[:3] + db_up[-1:]),
             0.0 in db_up and db_up[-1] == 1.0,
         ),
-        Check(
-            "first 201 after the restart within 30 s",
-            "never" if recovery[0] is None else f"{recovery[0]:.2f} s",
-            recovery[0] is not None,
-        ),
+        took("first 201 after the restart (within 30 s)", recovery[0]),
         Check(
             "after recovery: 2xx only",
             f"{sum(1 for a in after if a.status and a.status < 300)}/{len(after)}",
@@ -232,11 +235,7 @@ async def redis_outage(stack: Stack, options: Options, *, fail_closed: bool = Fa
     checks = [
         _no_transport_errors(load.answers),
         Check("/readyz 503 while Redis was down", str(ready[0]), ready[0] == 503),
-        Check(
-            "/readyz 200 again after the restart",
-            "never" if recovery[0] is None else f"after {recovery[0]:.2f} s",
-            recovery[0] is not None,
-        ),
+        took("/readyz 200 again after the restart (within 15 s)", recovery[0]),
         *log_checks(instance),
     ]
     if fail_closed:
