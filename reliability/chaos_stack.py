@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import re
 import secrets
@@ -24,7 +25,13 @@ from taskapp.db import upgrade_database
 from taskapp.embedded import embedded_postgres
 from tests.fixtures.oidc import OIDCProvider, serve_provider
 from tests.fixtures.processes import clean_env, start, wait_healthy
-from tests.fixtures.services import PrivateRedis, free_port, private_redis, signal_cluster
+from tests.fixtures.services import (
+    PrivateRedis,
+    free_port,
+    private_redis,
+    scratch_database,
+    signal_cluster,
+)
 
 
 class Postgres:
@@ -75,6 +82,14 @@ class Stack:
     redis: PrivateRedis
     provider: OIDCProvider
     metrics_token: str
+    # A second database on the same server, for the mail scenario: its workers send every
+    # pending notification of their database, and the other scenarios leave thousands.
+    mail_database_url: str
+
+    def with_mail_database(self) -> Stack:
+        return dataclasses.replace(
+            self, postgres=Postgres(self.postgres.data_dir, self.mail_database_url)
+        )
 
     def env(self, **extra: str) -> dict[str, str]:
         """`taskapp serve` as production runs it, with short timeouts so faults show fast."""
@@ -120,10 +135,14 @@ def stack(work: Path) -> Iterator[Stack]:
     with contextlib.ExitStack() as exits:
         url = exits.enter_context(embedded_postgres(work / "postgres"))
         upgrade_database(url)
+        admin = url.replace("postgresql+asyncpg://", "postgresql://")
+        mail = exits.enter_context(scratch_database(admin, prefix="chaos_mail"))
+        mail_url = mail.replace("postgresql://", "postgresql+asyncpg://", 1)
+        upgrade_database(mail_url)
         redis = exits.enter_context(private_redis(work / "redis"))
         provider = exits.enter_context(contextlib.contextmanager(serve_provider)())
         yield Stack(work, Postgres(work / "postgres", url), redis, provider,
-                    secrets.token_urlsafe(24))  # fmt: skip
+                    secrets.token_urlsafe(24), mail_url)  # fmt: skip
 
 
 class Instance:
