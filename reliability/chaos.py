@@ -3,6 +3,8 @@
 Scenarios (in this order unless `--scenarios` says otherwise):
   postgres           PostgreSQL stopped during load, then started: fast 503s, db_up 0 then 1,
                      recovery without restarting the service
+  postgres-frozen    PostgreSQL paused (SIGSTOP: accepts, answers nothing), then resumed:
+                     503s within the timeouts, recovery
   redis              Redis stopped during load, then started: reads and writes still served
                      (cache bypassed, rate limit fails open)
   redis-fail-closed  the same with TASKAPP_RATE_LIMIT_FAIL_CLOSED=true: 503s, then recovery
@@ -14,7 +16,8 @@ Scenarios (in this order unless `--scenarios` says otherwise):
                      in the default set: what a restart costs when the proxy is not told)
 
 Every scenario prints requests sent, answers by status, requests without an HTTP answer,
-writes answered 201 and writes lost (201 but not in the database), and its own checks. The
+writes answered 201, writes lost (201 but not in the database), creates answered with an
+error yet stored (the client could not know), and its own checks. The
 exit status is 1 when any check fails.
 """
 
@@ -44,6 +47,7 @@ Scenario = Callable[[Stack, Options], Awaitable[Report]]
 
 SCENARIOS: dict[str, Scenario] = {
     "postgres": postgres_outage,
+    "postgres-frozen": lambda s, o: postgres_outage(s, o, frozen=True),
     "redis": redis_outage,
     "redis-fail-closed": lambda s, o: redis_outage(s, o, fail_closed=True),
     "sigterm": sigterm,
@@ -51,7 +55,7 @@ SCENARIOS: dict[str, Scenario] = {
     "rolling-no-drain": lambda s, o: rolling_restart(s, o, drain=False),
     "mail": mail_faults,
 }
-DEFAULT = "postgres,redis,redis-fail-closed,sigterm,rolling,mail"
+DEFAULT = "postgres,postgres-frozen,redis,redis-fail-closed,sigterm,rolling,mail"
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -86,8 +90,10 @@ def table(report: Report) -> str:
         ("5xx", str(t.count(500, 600))),
         ("by status", statuses),
         ("other errors (no HTTP answer)", errors),
+        ("longest request", f"{t.longest:.2f} s"),
         ("writes answered 201", str(report.acknowledged)),
         ("lost writes (201, not in the database)", str(report.lost)),
+        ("creates answered otherwise yet stored", str(report.stored_anyway)),
     ]
     rows += [(f"{'ok  ' if c.ok else 'FAIL'} {c.name}", c.value) for c in report.checks]
     width = max(len(name) for name, _ in rows)

@@ -22,6 +22,7 @@ class Answer:
     status: int | None  # None: no HTTP answer (see `error`)
     error: str | None = None
     detail: str | None = None  # the `detail` of a 4xx/5xx
+    title: str | None = None  # of the task a POST would create
 
 
 @dataclass
@@ -90,10 +91,12 @@ class Load:
         json: object = None,
     ) -> tuple[Answer, object]:
         started = time.monotonic()
+        title = json.get("title") if isinstance(json, dict) else None
         try:
             response = await client.request(method, path, headers=headers, json=json)
         except httpx.HTTPError as exc:
-            answer = Answer(method, started, time.monotonic() - started, None, type(exc).__name__)
+            elapsed = time.monotonic() - started
+            answer = Answer(method, started, elapsed, None, type(exc).__name__, title=title)
             self.answers.append(answer)
             # A refused connection answers at once; don't spin on it.
             await asyncio.sleep(0.05)
@@ -104,7 +107,7 @@ class Load:
         except ValueError:
             body = None
         detail = body.get("detail") if isinstance(body, dict) and response.is_error else None
-        answer = Answer(method, started, elapsed, response.status_code, None, detail)
+        answer = Answer(method, started, elapsed, response.status_code, None, detail, title)
         self.answers.append(answer)
         if response.status_code >= 500:
             await asyncio.sleep(0.05)  # as a client honouring Retry-After would, briefly
@@ -116,6 +119,7 @@ class Tally:
     sent: int
     by_status: Counter[int]
     errors: Counter[str]
+    longest: float  # seconds, the slowest answer (or error)
 
     @classmethod
     def of(cls, answers: list[Answer]) -> Tally:
@@ -123,6 +127,7 @@ class Tally:
             sent=len(answers),
             by_status=Counter(a.status for a in answers if a.status is not None),
             errors=Counter(a.error for a in answers if a.error is not None),
+            longest=max((a.elapsed for a in answers), default=0.0),
         )
 
     def count(self, low: int, high: int) -> int:

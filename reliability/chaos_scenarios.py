@@ -35,6 +35,9 @@ class Report:
     tally: Tally
     acknowledged: int  # 201s
     lost: int  # 201s whose task is not in the database
+    # creates answered with an error (or not at all) whose task was stored all the same:
+    # not lost, but the client was told otherwise (a timeout cannot know)
+    stored_anyway: int
     checks: list[Check] = field(default_factory=list)
 
     @property
@@ -71,8 +74,10 @@ async def under_load(load: Load, fault: Callable[[], Awaitable[None]]) -> None:
 async def make_report(name: str, stack: Stack, load: Load, checks: list[Check]) -> Report:
     stored = await stack.postgres.titles(f"chaos {load.run} ")
     lost = [task for task in load.created if task not in stored]
+    failed = {a.title for a in load.answers if a.title is not None and a.status != 201}
+    stored_anyway = sum(1 for title in stored.values() if title in failed)
     tally = Tally.of(load.answers)
-    return Report(name, tally, len(load.created), len(lost), checks)
+    return Report(name, tally, len(load.created), len(lost), stored_anyway, checks)
 
 
 def took(name: str, seconds: float | None) -> Check:
@@ -114,14 +119,24 @@ def _first_write_after(load: Load, moment: float) -> Callable[[], Awaitable[bool
     return check
 
 
-async def postgres_outage(stack: Stack, options: Options) -> Report:
-    """PostgreSQL stopped under load and started again; the service is left running."""
+async def postgres_outage(stack: Stack, options: Options, *, frozen: bool = False) -> Report:
+    """PostgreSQL stopped under load and started again (or, `frozen`, every process of it
+    paused with SIGSTOP and resumed: a server that answers nothing); the service is left
+    running."""
+    name = "postgres-frozen" if frozen else "postgres"
     env = stack.env()
-    connect, pool = (
-        float(env["TASKAPP_DATABASE_CONNECT_TIMEOUT"]),
-        float(env["TASKAPP_DATABASE_POOL_TIMEOUT"]),
+    connect, pool, command = (
+        float(env[f"TASKAPP_DATABASE_{setting}_TIMEOUT"])
+        for setting in ("CONNECT", "POOL", "COMMAND")
     )
-    instance = Instance(options.work / "postgres", env)
+    # A stopped server refuses at once: a request waits at most for a connection from the
+    # pool, then for a new one. A frozen one also holds each statement until the command
+    # timeout.
+    bound, limits = (
+        (pool + connect + command, "pool + connect + command") if frozen else
+        (pool + connect, "pool + connect")
+    )  # fmt: skip
+    instance = Instance(options.work / name, env)
     await asyncio.to_thread(instance.start)
     assert instance.process is not None
     pid = instance.process.pid
@@ -133,12 +148,13 @@ async def postgres_outage(stack: Stack, options: Options) -> Report:
     async def fault() -> None:
         await asyncio.sleep(options.duration / 3)
         window.append(time.monotonic())
-        await asyncio.to_thread(stack.postgres.stop)
-        ends = time.monotonic() + options.outage
+        await asyncio.to_thread(stack.postgres.freeze if frozen else stack.postgres.stop)
+        # Frozen longer than the command timeout, so statements sent to it time out.
+        ends = time.monotonic() + (max(options.outage, command + 1) if frozen else options.outage)
         while time.monotonic() < ends:
             db_up.append(await stack.db_up(instance.base_url))
             await asyncio.sleep(0.3)
-        await asyncio.to_thread(stack.postgres.start)
+        await asyncio.to_thread(stack.postgres.thaw if frozen else stack.postgres.start)
         window.append(time.monotonic())
         recovery.append(await _until(_first_write_after(load, window[1]), 30))
         up_again = await _until(lambda: _is(stack.db_up(instance.base_url), 1.0), 15)
@@ -153,13 +169,12 @@ async def postgres_outage(stack: Stack, options: Options) -> Report:
     during = [a for a in load.answers if window[0] <= a.started < window[1]]
     unavailable = [a for a in load.answers if a.status == 503]
     longest = max((a.elapsed for a in unavailable), default=0.0)
-    bound = connect + pool
     after = [a for a in load.answers if a.started >= window[1] + (recovery[0] or 0)]
     checks = [
         Check("503s while PostgreSQL was down", str(len(unavailable)), bool(unavailable)),
         _only_503(load.answers, {UNAVAILABLE, BUSY}),
         Check(
-            f"longest 503 ≤ connect + pool timeout ({bound:.0f} s)",
+            f"longest 503 ≤ {limits} timeouts ({bound:.0f} s)",
             f"{longest:.2f} s",
             longest <= bound,
         ),
@@ -179,7 +194,7 @@ async def postgres_outage(stack: Stack, options: Options) -> Report:
         Check("requests during the outage", str(len(during)), bool(during)),
         *log_checks(instance),
     ]
-    return await make_report("postgres", stack, load, checks)
+    return await make_report(name, stack, load, checks)
 
 
 async def _is(value: Awaitable[float | None], expected: float) -> bool:

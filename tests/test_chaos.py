@@ -26,8 +26,9 @@ def _figures(output: str, scenario: str) -> dict[str, str]:
 
 
 def test_database_redis_and_sigterm_faults_under_load(capsys):
-    output = _run("postgres,redis,redis-fail-closed,sigterm", capsys)
-    for scenario in ("postgres", "redis", "redis-fail-closed", "sigterm"):
+    scenarios = ("postgres", "postgres-frozen", "redis", "redis-fail-closed", "sigterm")
+    output = _run(",".join(scenarios), capsys)
+    for scenario in scenarios:
         figures = _figures(output, scenario)
         assert figures["lost writes (201, not in the database)"] == "0", output
         assert int(figures["writes answered 201"]) > 0, output
