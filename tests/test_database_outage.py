@@ -100,6 +100,35 @@ async def test_frozen_database_is_503_within_the_timeouts(private_postgres, make
         assert listed.json()["total"] == 1
 
 
+async def test_a_change_sent_to_a_frozen_database_says_its_outcome_is_unknown(
+    private_postgres, make_settings, oidc
+):
+    """An INSERT sent to a paused server times out on the client, and the server runs it
+    when it resumes: the 503 must not claim that nothing was written."""
+    url, data_dir = private_postgres
+    auth = oidc.auth("alice")
+    settings = make_settings(
+        database={"url": url, "connect_timeout": 1, "command_timeout": 1, "pool_timeout": 1}
+    )
+    async with running(create_app(settings)) as client:
+        assert (await client.post("/tasks", json={"title": "a"}, headers=auth)).status_code == 201
+        signal_cluster(data_dir, signal.SIGSTOP)
+        try:
+            response = await asyncio.wait_for(
+                client.post("/tasks", json={"title": "b"}, headers=auth), 10
+            )
+        finally:
+            signal_cluster(data_dir, signal.SIGCONT)
+        assert response.status_code == 503, response.text
+        assert response.json() == {
+            "detail": "Database did not answer: the change may or may not have been made"
+        }
+        await asyncio.sleep(0.5)  # the resumed server runs what it had received
+        listed = await client.get("/tasks", headers=auth)
+        assert listed.status_code == 200
+        assert sorted(task["title"] for task in listed.json()["items"]) == ["a", "b"]
+
+
 async def test_unreachable_database_is_503(make_settings, oidc):
     app = create_app(
         make_settings(
