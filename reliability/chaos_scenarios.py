@@ -17,7 +17,7 @@ import httpx
 
 from reliability.chaos_load import Answer, Load, Tally
 from reliability.chaos_stack import Instance, Nginx, Stack
-from taskapp.db import BUSY
+from taskapp.db import BUSY, OUTCOME_UNKNOWN
 
 UNAVAILABLE = "Database unavailable"
 
@@ -74,10 +74,20 @@ async def under_load(load: Load, fault: Callable[[], Awaitable[None]]) -> None:
 async def make_report(name: str, stack: Stack, load: Load, checks: list[Check]) -> Report:
     stored = await stack.postgres.titles(f"chaos {load.run} ")
     lost = [task for task in load.created if task not in stored]
-    failed = {a.title for a in load.answers if a.title is not None and a.status != 201}
-    stored_anyway = sum(1 for title in stored.values() if title in failed)
+    failed = {a.title: a for a in load.answers if a.title is not None and a.status != 201}
+    stored_anyway = [failed[title] for title in stored.values() if title in failed]
+    # Stored, yet answered as if certainly not: only "may or may not" (or no answer) is true.
+    misleading = [a for a in stored_anyway if a.status is not None and a.detail != OUTCOME_UNKNOWN]
+    checks = [
+        *checks,
+        Check(
+            "creates stored though answered with an error said so",
+            ", ".join(sorted({f"{a.status} {a.detail}" for a in misleading})[:2]) or "yes",
+            not misleading,
+        ),
+    ]
     tally = Tally.of(load.answers)
-    return Report(name, tally, len(load.created), len(lost), stored_anyway, checks)
+    return Report(name, tally, len(load.created), len(lost), len(stored_anyway), checks)
 
 
 def took(name: str, seconds: float | None) -> Check:
@@ -92,14 +102,14 @@ def _no_transport_errors(answers: list[Answer]) -> Check:
     return Check("no request without an HTTP answer", str(len(errors)), not errors)
 
 
-def _only_503(answers: list[Answer], details: set[str]) -> Check:
+def _only_503(answers: list[Answer], details: set[str], what: str) -> Check:
     other = [
         a
         for a in answers
         if a.status is not None and a.status >= 500 and (a.status != 503 or a.detail not in details)
     ]
     shown = ", ".join(sorted({f"{a.status} {a.detail}" for a in other})[:3])
-    return Check(f"5xx only 503 {' / '.join(sorted(details))!r}", shown or "yes", not other)
+    return Check(f"5xx: only 503 {what}", shown or "yes", not other)
 
 
 async def _until(predicate: Callable[[], Awaitable[bool]], within: float) -> float | None:
@@ -172,7 +182,7 @@ async def postgres_outage(stack: Stack, options: Options, *, frozen: bool = Fals
     after = [a for a in load.answers if a.started >= window[1] + (recovery[0] or 0)]
     checks = [
         Check("503s while PostgreSQL was down", str(len(unavailable)), bool(unavailable)),
-        _only_503(load.answers, {UNAVAILABLE, BUSY}),
+        _only_503(load.answers, {UNAVAILABLE, BUSY, OUTCOME_UNKNOWN}, "from the database"),
         Check(
             f"longest 503 ≤ {limits} timeouts ({bound:.0f} s)",
             f"{longest:.2f} s",
@@ -255,7 +265,7 @@ async def redis_outage(stack: Stack, options: Options, *, fail_closed: bool = Fa
     ]
     if fail_closed:
         checks += [
-            _only_503(load.answers, {"Rate limiter unavailable"}),
+            _only_503(load.answers, {"Rate limiter unavailable"}, "'Rate limiter unavailable'"),
             Check(
                 "requests during the outage refused (fail closed)",
                 f"{len(served)} 2xx of {len(during)}",

@@ -52,6 +52,18 @@ class Postgres:
 
         pgserver.get_server(self.data_dir.resolve(), cleanup_mode="stop")
 
+    def shutdown(self) -> None:
+        """Stop the server for good, if it still runs (a fast shutdown): pgserver keeps a
+        server running when a stop and start in this process confused its count of users."""
+        pid_file = self.data_dir / "postmaster.pid"
+        if not pid_file.exists():
+            return
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid_file.read_text().split()[0]), signal.SIGINT)
+        deadline = time.monotonic() + 30
+        while pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
     def freeze(self) -> None:
         signal_cluster(self.data_dir, signal.SIGSTOP)
 
@@ -133,6 +145,8 @@ class Stack:
 @contextlib.contextmanager
 def stack(work: Path) -> Iterator[Stack]:
     with contextlib.ExitStack() as exits:
+        # Registered first, so it runs last: after pgserver's own stop.
+        exits.callback(Postgres(work / "postgres", "").shutdown)
         url = exits.enter_context(embedded_postgres(work / "postgres"))
         upgrade_database(url)
         admin = url.replace("postgresql+asyncpg://", "postgresql://")
