@@ -16,9 +16,9 @@ Scenarios (in this order unless `--scenarios` says otherwise):
                      in the default set: what a restart costs when the proxy is not told)
 
 Every scenario prints requests sent, answers by status, requests without an HTTP answer,
-writes answered 201, writes lost (201 but not in the database), creates answered with an
-error yet stored (the client could not know), and its own checks. The
-exit status is 1 when any check fails.
+the longest request, writes answered 201, writes lost (201 but not in the database), creates
+answered with an error yet stored (whose answer must have said the outcome was unknown),
+and its own checks. The exit status is 1 when any check fails.
 """
 
 from __future__ import annotations
