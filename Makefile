@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench fuzz soak lint audit format clean
+.PHONY: install run test bench chaos fuzz soak lint audit format clean
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ test: install
 ## BENCH_ARGS="--quick" for a smoke run; `.venv/bin/python -m bench --help` lists the options.
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+## Faults under load (real PostgreSQL, Redis, nginx stopped and started): one table per scenario.
+## CHAOS_ARGS="--scenarios postgres,redis --duration 6"; `.venv/bin/python -m reliability.chaos --help`.
+chaos: install
+	$(BIN)/python -m reliability.chaos $(CHAOS_ARGS)
 
 ## Hostile input (Schemathesis): `taskapp serve` as in production, every operation of its own
 ## /openapi.json with a user and an admin token, plus malformed bodies; prints the figures.

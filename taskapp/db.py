@@ -123,6 +123,13 @@ def unavailable_reason(exc: BaseException) -> str | None:
             return "Database unavailable"
         if type(exc.orig).__name__ in {"QueryCanceledError", "AdminShutdownError"}:
             return "Database unavailable"
+        # The server's own word that it cannot serve now, whatever the driver's class for
+        # it: 08 connection exception, 53 insufficient resources (too many connections),
+        # 57 operator intervention ("the database system is shutting down" / "is starting
+        # up" while a connection is made, 57P03, a plain DBAPIError to SQLAlchemy).
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate[:2] in {"08", "53", "57"}:
+            return "Database unavailable"
         return None
     # asyncpg raises plain OS errors (refused, reset, timed out) when it cannot connect.
     if isinstance(exc, OSError):
@@ -183,9 +190,32 @@ async def request_connection(request: Request) -> AsyncIterator[AsyncConnection]
     try:
         with _outages_as_unavailable():
             async with request.app.state.request_engine.connect() as connection:
-                yield connection
+                if request.method in SAFE_METHODS:
+                    yield connection
+                else:
+                    with _unknown_outcomes():
+                        yield connection
     finally:
         connections.release()
+
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+OUTCOME_UNKNOWN = "Database did not answer: the change may or may not have been made"
+
+
+@contextmanager
+def _unknown_outcomes() -> Iterator[None]:
+    """A change whose statement was sent and then lost its answer (a client-side timeout, a
+    dropped connection) may have committed: a server that was paused, not gone, runs it
+    when it resumes. Its 503 says so, rather than that nothing happened. A statement the
+    server itself cancelled (statement_timeout, SQLSTATE 57014) was rolled back."""
+    try:
+        yield
+    except Exception as exc:
+        cancelled = getattr(getattr(exc, "orig", None), "sqlstate", None) == "57014"
+        if unavailable_reason(exc) == "Database unavailable" and not cancelled:
+            raise DatabaseUnavailableError(OUTCOME_UNKNOWN) from exc
+        raise
 
 
 class Connections:

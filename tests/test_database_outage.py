@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from pathlib import Path
 
 import pgserver
-import psutil
 
 from taskapp.app import create_app
 from tests.conftest import running
+from tests.fixtures.services import signal_cluster
 
 
 def _start_again(data_dir: Path) -> None:
@@ -53,11 +54,25 @@ async def test_outage_is_503_and_recovery_is_automatic(private_postgres, make_se
         assert (await client.get("/readyz")).status_code == 200
 
 
-def _signal_cluster(data_dir: Path, signum: int) -> None:
-    """Send `signum` to the postmaster and every backend of the cluster in `data_dir`."""
-    postmaster = psutil.Process(int((data_dir / "postmaster.pid").read_text().split()[0]))
-    for process in [postmaster, *postmaster.children(recursive=True)]:
-        process.send_signal(signum)
+async def test_server_shutting_down_is_503(private_postgres, make_settings, oidc):
+    """A server in its smart shutdown (SIGTERM, sessions still open) refuses new
+    connections with SQLSTATE 57P03, as it does while it starts up: 503, not 500."""
+    import asyncpg
+
+    url, data_dir = private_postgres
+    # An open session keeps the server shutting down instead of stopped.
+    held = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        postmaster = int((data_dir / "postmaster.pid").read_text().split()[0])
+        os.kill(postmaster, signal.SIGTERM)
+        app = create_app(make_settings(database={"url": url, "connect_timeout": 2}))
+        async with running(app) as client:
+            for method, path, body in (("GET", "/tasks", None), ("POST", "/tasks", {"title": "x"})):
+                response = await client.request(method, path, json=body, headers=oidc.auth())
+                assert response.status_code == 503, response.text
+                assert response.json() == {"detail": "Database unavailable"}
+    finally:
+        await held.close()
 
 
 async def test_frozen_database_is_503_within_the_timeouts(private_postgres, make_settings, oidc):
@@ -69,20 +84,49 @@ async def test_frozen_database_is_503_within_the_timeouts(private_postgres, make
     )
     async with running(create_app(settings)) as client:
         assert (await client.post("/tasks", json={"title": "x"}, headers=auth)).status_code == 201
-        _signal_cluster(data_dir, signal.SIGSTOP)
+        signal_cluster(data_dir, signal.SIGSTOP)
         try:
             started = time.monotonic()
             # Bounded here too, so a regression fails the test instead of hanging it.
             response = await asyncio.wait_for(client.get("/tasks", headers=auth), 10)
             elapsed = time.monotonic() - started
         finally:
-            _signal_cluster(data_dir, signal.SIGCONT)
+            signal_cluster(data_dir, signal.SIGCONT)
         assert response.status_code == 503, response.text
         assert response.json() == {"detail": "Database unavailable"}
         assert elapsed < 4
         listed = await client.get("/tasks", headers=auth)
         assert listed.status_code == 200
         assert listed.json()["total"] == 1
+
+
+async def test_a_change_sent_to_a_frozen_database_says_its_outcome_is_unknown(
+    private_postgres, make_settings, oidc
+):
+    """An INSERT sent to a paused server times out on the client, and the server runs it
+    when it resumes: the 503 must not claim that nothing was written."""
+    url, data_dir = private_postgres
+    auth = oidc.auth("alice")
+    settings = make_settings(
+        database={"url": url, "connect_timeout": 1, "command_timeout": 1, "pool_timeout": 1}
+    )
+    async with running(create_app(settings)) as client:
+        assert (await client.post("/tasks", json={"title": "a"}, headers=auth)).status_code == 201
+        signal_cluster(data_dir, signal.SIGSTOP)
+        try:
+            response = await asyncio.wait_for(
+                client.post("/tasks", json={"title": "b"}, headers=auth), 10
+            )
+        finally:
+            signal_cluster(data_dir, signal.SIGCONT)
+        assert response.status_code == 503, response.text
+        assert response.json() == {
+            "detail": "Database did not answer: the change may or may not have been made"
+        }
+        await asyncio.sleep(0.5)  # the resumed server runs what it had received
+        listed = await client.get("/tasks", headers=auth)
+        assert listed.status_code == 200
+        assert sorted(task["title"] for task in listed.json()["items"]) == ["a", "b"]
 
 
 async def test_unreachable_database_is_503(make_settings, oidc):
