@@ -63,7 +63,7 @@ class Load:
             )  # fmt: skip
 
     async def _client(self, client: httpx.AsyncClient, token: str, seed: int) -> None:
-        rng = random.Random(seed)  # noqa: S311 - which request next, not a secret
+        rng = random.Random(seed)  # noqa: S311 - which request next, not a secret  # nosec B311
         headers = {"Authorization": f"Bearer {token}"}
         mine: list[str] = []
         while not self._stopping.is_set():
