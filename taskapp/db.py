@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from contextlib import (
+    AbstractAsyncContextManager,
+    asynccontextmanager,
+    contextmanager,
+    nullcontext,
+)
 from typing import Annotated, Any
 
 import sqlalchemy.exc as sa_exc
@@ -110,6 +115,7 @@ def autocommit(engine: AsyncEngine) -> AsyncEngine:
 
 
 BUSY = "Database is busy: no connection became free in time"
+UNAVAILABLE = "Database unavailable"
 
 
 def unavailable_reason(exc: BaseException) -> str | None:
@@ -120,20 +126,20 @@ def unavailable_reason(exc: BaseException) -> str | None:
         if exc.connection_invalidated or isinstance(
             exc, sa_exc.OperationalError | sa_exc.InterfaceError
         ):
-            return "Database unavailable"
+            return UNAVAILABLE
         if type(exc.orig).__name__ in {"QueryCanceledError", "AdminShutdownError"}:
-            return "Database unavailable"
+            return UNAVAILABLE
         # The server's own word that it cannot serve now, whatever the driver's class for
         # it: 08 connection exception, 53 insufficient resources (too many connections),
         # 57 operator intervention ("the database system is shutting down" / "is starting
         # up" while a connection is made, 57P03, a plain DBAPIError to SQLAlchemy).
         sqlstate = getattr(exc.orig, "sqlstate", None)
         if isinstance(sqlstate, str) and sqlstate[:2] in {"08", "53", "57"}:
-            return "Database unavailable"
+            return UNAVAILABLE
         return None
     # asyncpg raises plain OS errors (refused, reset, timed out) when it cannot connect.
     if isinstance(exc, OSError):
-        return "Database unavailable"
+        return UNAVAILABLE
     return None
 
 
@@ -190,11 +196,9 @@ async def request_connection(request: Request) -> AsyncIterator[AsyncConnection]
     try:
         with _outages_as_unavailable():
             async with request.app.state.request_engine.connect() as connection:
-                if request.method in SAFE_METHODS:
+                safe = request.method in SAFE_METHODS
+                with nullcontext() if safe else _unknown_outcomes():
                     yield connection
-                else:
-                    with _unknown_outcomes():
-                        yield connection
     finally:
         connections.release()
 
@@ -213,7 +217,7 @@ def _unknown_outcomes() -> Iterator[None]:
         yield
     except Exception as exc:
         cancelled = getattr(getattr(exc, "orig", None), "sqlstate", None) == "57014"
-        if unavailable_reason(exc) == "Database unavailable" and not cancelled:
+        if unavailable_reason(exc) == UNAVAILABLE and not cancelled:
             raise DatabaseUnavailableError(OUTCOME_UNKNOWN) from exc
         raise
 
