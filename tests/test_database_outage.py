@@ -123,10 +123,13 @@ async def test_a_change_sent_to_a_frozen_database_says_its_outcome_is_unknown(
         assert response.json() == {
             "detail": "Database did not answer: the change may or may not have been made"
         }
-        await asyncio.sleep(0.5)  # the resumed server runs what it had received
+        # Whether "b" was stored depends on a race the service cannot see: the resumed
+        # backend runs the INSERT it had received, unless the driver's cancel request (sent
+        # on the timeout, to a postmaster paused too) reaches it first. Hence the answer.
         listed = await client.get("/tasks", headers=auth)
         assert listed.status_code == 200
-        assert sorted(task["title"] for task in listed.json()["items"]) == ["a", "b"]
+        titles = sorted(task["title"] for task in listed.json()["items"])
+        assert titles in (["a"], ["a", "b"])
 
 
 async def test_unreachable_database_is_503(make_settings, oidc):
