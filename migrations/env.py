@@ -39,16 +39,26 @@ def _configure(connection: Connection) -> None:
         context.run_migrations()
 
 
-def _database_url() -> str:
+def _database() -> DatabaseSettings:
     given = config.attributes.get("database_url")
-    url = (DatabaseSettings(url=given) if given else DatabaseSettings()).url
+    return DatabaseSettings(url=given) if given else DatabaseSettings()
+
+
+def _database_url() -> str:
+    url = _database().url
     if url is None:
         raise SystemExit("TASKAPP_DATABASE_URL is not set")
     return url.get_secret_value()
 
 
 async def _run_async() -> None:
-    engine = create_async_engine(_database_url(), poolclass=NullPool)
+    # Behind PgBouncer (transaction mode) no named statements: see taskapp.db.create_engine.
+    unnamed = {"statement_cache_size": 0, "prepared_statement_cache_size": 0}
+    engine = create_async_engine(
+        _database_url(),
+        poolclass=NullPool,
+        connect_args=unnamed if _database().pgbouncer else {},
+    )
     async with engine.connect() as connection:
         await connection.run_sync(_configure)
     await engine.dispose()

@@ -19,7 +19,7 @@ from taskapp.auth.tokens import TokenVerifier
 from taskapp.body_limit import BodySizeLimitMiddleware
 from taskapp.cache import ResponseCache
 from taskapp.config import Settings, get_settings
-from taskapp.db import ConnectionGate, autocommit, create_engine
+from taskapp.db import RequestDatabase, create_engine
 from taskapp.errors import HEAD_TOO_LARGE, error_responses, install_error_handlers
 from taskapp.notifications.celery_app import create_celery
 from taskapp.notifications.outbox import Outbox
@@ -36,6 +36,7 @@ from taskapp.ratelimit import (
     refused_handler,
 )
 from taskapp.redis_client import create_redis
+from taskapp.replica import ReadReplica, measuring
 from taskapp.security_headers import SecurityHeadersMiddleware
 from taskapp.tasks.router import router as tasks_router
 
@@ -70,15 +71,24 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     except BaseException:
         await http.aclose()
         raise
-    engine = create_engine(settings.database, generic_plans=True)
+    database = settings.database
+    engine = create_engine(database, generic_plans=True)
     instrument(engine)
     redis = create_redis(settings.redis)
     app.state.engine = engine
-    app.state.request_engine = autocommit(engine)
-    database = settings.database
-    app.state.connection_gate = ConnectionGate(
-        database.pool_size + database.max_overflow, database.pool_timeout
-    )
+    app.state.database = RequestDatabase.for_engine(engine, database)
+    replica_engine = None
+    app.state.replica = replica = None
+    if database.replica_url is not None:
+        replica_engine = create_engine(database, generic_plans=True, url=database.replica_url)
+        instrument(replica_engine)
+        app.state.replica = replica = ReadReplica(
+            RequestDatabase.for_engine(replica_engine, database),
+            replica=replica_engine,
+            primary=engine,
+            redis=redis,
+            settings=database,
+        )
     app.state.redis = redis
     app.state.rate_limiter = RateLimiter(
         redis, key_prefix=settings.redis.key_prefix, timeout=settings.ratelimit.timeout
@@ -86,7 +96,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     celery = create_celery(settings) if settings.notifications.enabled else None
     app.state.outbox = outbox = Outbox(celery, enabled=settings.notifications.enabled)
     app.state.cache = cache = ResponseCache(
-        redis, settings.cache, key_prefix=settings.redis.key_prefix
+        redis,
+        settings.cache,
+        key_prefix=settings.redis.key_prefix,
+        track_writes=replica is not None,
     )
     app.state.token_verifier = TokenVerifier(
         keys,
@@ -97,7 +110,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         cache_ttl=settings.oidc.claims_cache_ttl,
     )
     try:
-        async with probing(engine):
+        async with probing(engine), measuring(replica):
             if settings.gc_freeze:
                 _freeze_startup_objects()
             yield
@@ -110,6 +123,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await http.aclose()
         await redis.aclose()
         await engine.dispose()
+        if replica_engine is not None:
+            await replica_engine.dispose()
 
 
 def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:

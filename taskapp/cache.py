@@ -8,6 +8,10 @@ Every entry key embeds two counters read in the same round trip as the entry:
 - a global epoch, bumped when an invalidation could not be delivered (Redis failed right
   after a commit), so nothing cached before a lost invalidation is ever served again.
 
+Each invalidation also records when it happened, in the Redis server's clock (one clock for
+every instance), and a lookup returns that time with the entry: a read replica serves the
+load of a missed entry only if it has replayed past it (`taskapp.replica`).
+
 Redis trouble never fails or slows a request beyond `timeout`: the cache is bypassed for
 `retry_interval`, the request is served from the database, and the failure is counted.
 """
@@ -19,6 +23,7 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -27,7 +32,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from taskapp.config import CacheSettings
+from taskapp.config import REPLICA_LAG_BOUND, CacheSettings
 from taskapp.observability.metrics import CACHE_ERRORS, CACHE_REQUESTS
 from taskapp.ratelimit import GCRA_FUNCTION, RateLimitCheck, RateLimitRefusedError, gcra_arguments
 from taskapp.redis_client import REDIS_FAILURES, RedisBreaker
@@ -53,19 +58,37 @@ end
 local decision = false
 if ARGV[5] == '1' then
   decision = gcra(KEYS[3], tonumber(ARGV[6]), tonumber(ARGV[7]))
-  if decision[1] == 0 then return {false, false, false, decision} end
+  if decision[1] == 0 then return {false, false, false, decision, false} end
 end
 local epoch = redis.call('GET', KEYS[1]) or '0'
 local generation = redis.call('GET', KEYS[2]) or '0'
 local key = ARGV[1] .. epoch .. ':' .. generation .. ':' .. ARGV[2]
 local value = redis.call('GET', key)
-if value then return {key, value, false, decision} end
+if value then return {key, value, false, decision, false} end
+local wrote = redis.call('GET', KEYS[2] .. ':wrote') or '0'
+local cleared = redis.call('GET', KEYS[1] .. ':wrote') or '0'
+if tonumber(cleared) > tonumber(wrote) then wrote = cleared end
 if redis.call('SET', key .. ':lock', ARGV[3], 'NX', 'PX', ARGV[4]) then
-  return {key, false, 'locked', decision}
+  return {key, false, 'locked', decision, wrote}
 end
-return {key, false, 'busy', decision}
+return {key, false, 'busy', decision, wrote}
 """
 )
+# Bump the counters in KEYS (generations, or the epoch) and record when, in microseconds of
+# the server's clock, for ARGV[1] seconds.
+_BUMP = """
+local t = redis.call('TIME')
+local now = t[1] .. string.format('%06d', t[2])
+for i = 1, #KEYS do
+  redis.call('INCR', KEYS[i])
+  redis.call('SET', KEYS[i] .. ':wrote', now, 'EX', ARGV[1])
+end
+"""
+# How long the time of a write is kept: longer than a replica may lag and still serve reads.
+WRITE_TIME_TTL = REPLICA_LAG_BOUND + 10
+# The time of the last write to what a load reads, when the cache could not tell: later than
+# anything a replica has replayed, so the primary answers.
+UNKNOWN = math.inf
 # Stores alone (KEYS: entry, its fill lock, ...; ARGV: TTL, then value, lock token, ...),
 # for those no lookup came by to carry.
 _STORE = """
@@ -84,7 +107,8 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 """
 
-Loader = Callable[[], Awaitable[bytes]]
+# Loads a missed entry, given the time of the last write to its scope (see the module).
+Loader = Callable[[float], Awaitable[bytes]]
 
 
 def _scope_id(scope: str) -> str:
@@ -95,14 +119,19 @@ def _scope_id(scope: str) -> str:
 class ResponseCache:
     """Serialized responses by (scope, key), with single-flight loading on a miss."""
 
-    def __init__(self, redis: Redis, settings: CacheSettings, *, key_prefix: str) -> None:
+    def __init__(
+        self, redis: Redis, settings: CacheSettings, *, key_prefix: str, track_writes: bool = False
+    ) -> None:
+        """`track_writes`: record the time of writes even with the cache off (for a replica)."""
         self._redis = redis
         self._settings = settings
+        self._track_writes = track_writes
         self._prefix = f"{key_prefix}cache:"
         self._epoch_key = f"{self._prefix}epoch"
         self._lookup = redis.register_script(_LOOKUP)
         self._store = redis.register_script(_STORE)
         self._release = redis.register_script(_RELEASE)
+        self._bump = redis.register_script(_BUMP)
         self._breaker = RedisBreaker(
             logger, "response cache", retry_interval=settings.retry_interval
         )
@@ -131,10 +160,10 @@ class ResponseCache:
         both); a refused request raises `RateLimitRefusedError` and loads nothing.
         """
         if not self._settings.enabled:
-            return await load()
+            return await load(await self._last_write(scope))
         if not self._available():
             CACHE_REQUESTS.labels("bypass").inc()
-            return await load()
+            return await load(UNKNOWN)
         if rate_check is not None and rate_check.settled:
             rate_check = None
         scope_id = _scope_id(scope)
@@ -165,7 +194,7 @@ class ResponseCache:
             if rate_check is not None:
                 rate_check.record_failure(exc.__cause__)
             CACHE_REQUESTS.labels("bypass").inc()
-            return await load()  # a rate check failing closed refuses before the database
+            return await load(UNKNOWN)  # a rate check failing closed refuses before the database
         if rate_check is not None:
             rate_check.record(found[3])
             if rate_check.refused:
@@ -175,17 +204,16 @@ class ResponseCache:
             return bytes(found[1])
         CACHE_REQUESTS.labels("miss").inc()
         fill = _Fill(found[0].decode(), token, locked=found[2] == b"locked")
-        return await self._single_flight(fill, load)
+        written_at = int(found[4])
+        return await self._single_flight(fill, lambda: load(written_at))
 
     async def invalidate(self, *scopes: str) -> None:
         """Make every entry of `scopes` unreachable; call after the change is committed."""
-        if not self._settings.enabled:
+        if not self._settings.enabled and not self._track_writes:
             return
+        keys = [self._generation_key(_scope_id(scope)) for scope in scopes]
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for scope in scopes:
-                    pipe.incr(self._generation_key(_scope_id(scope)))
-                await self._call("invalidate", pipe.execute())
+            await self._call("invalidate", self._bump(keys=keys, args=[WRITE_TIME_TTL]))
         except _Unavailable:
             # Entries of these scopes may still be readable by other processes: make sure
             # the whole cache is discarded before anyone serves from it again.
@@ -194,7 +222,7 @@ class ResponseCache:
 
     async def clear(self) -> None:
         """Discard every entry at once (all processes): for changes made outside the API."""
-        await self._redis.incr(self._epoch_key)
+        await self._bump(keys=[self._epoch_key], args=[WRITE_TIME_TTL])
 
     async def aclose(self) -> None:
         if self._store_timer is not None:
@@ -210,6 +238,17 @@ class ResponseCache:
         # No TTL: a generation must outlive every entry made with it.
         return f"{self._prefix}gen:{scope_id}"
 
+    async def _last_write(self, scope: str) -> float:
+        """When `scope` was last written, for a load with the cache off."""
+        if not self._track_writes or not self._breaker.available():
+            return UNKNOWN
+        keys = (self._generation_key(_scope_id(scope)), self._epoch_key)
+        try:
+            times = await self._call("wrote", self._redis.mget([f"{k}:wrote" for k in keys]))
+        except _Unavailable:
+            return UNKNOWN
+        return max(int(value or 0) for value in times)
+
     def _available(self) -> bool:
         return not self._lost_invalidation and self._breaker.available()
 
@@ -222,7 +261,7 @@ class ResponseCache:
             self._breaker.failed(exc)
             raise _Unavailable from exc
 
-    async def _single_flight(self, fill: _Fill, load: Loader) -> bytes:
+    async def _single_flight(self, fill: _Fill, load: Callable[[], Awaitable[bytes]]) -> bytes:
         """Concurrent misses of one key share one load: in this process by a future, across
         processes by a short Redis lock that others wait on for a moment."""
         entry_key = fill.entry_key
@@ -258,7 +297,7 @@ class ResponseCache:
         finally:
             del self._inflight[entry_key]
 
-    async def _fill(self, fill: _Fill, load: Loader) -> bytes:
+    async def _fill(self, fill: _Fill, load: Callable[[], Awaitable[bytes]]) -> bytes:
         if not fill.locked:
             try:
                 value = await self._wait_for_fill(fill.entry_key)
@@ -326,7 +365,7 @@ class ResponseCache:
         """Retry until the global epoch is bumped; only then serve from the cache again."""
         while self._lost_invalidation:
             try:
-                await self._call("epoch", self._redis.incr(self._epoch_key))
+                await self._call("epoch", self._bump(keys=[self._epoch_key], args=[WRITE_TIME_TTL]))
             except _Unavailable:
                 await asyncio.sleep(self._settings.retry_interval)
             else:

@@ -41,6 +41,10 @@ class EnvironmentSettings(BaseSettings):
     env: Environment = Environment.DEV
 
 
+# Upper bound of TASKAPP_DATABASE_REPLICA_MAX_LAG: how long a view's last write time is kept.
+REPLICA_LAG_BOUND = 300
+
+
 class DatabaseSettings(BaseSettings):
     """`TASKAPP_DATABASE_*`: the PostgreSQL connection and its pool."""
 
@@ -59,8 +63,21 @@ class DatabaseSettings(BaseSettings):
     # refusing connections) cannot hang requests; keep it above statement_timeout.
     command_timeout: Annotated[float, Field(gt=0, le=3600)] = 20.0
     echo: bool = False
+    # A streaming standby of the same database for list and read queries; reads of a view
+    # written more recently than the standby has replayed still go to the primary, and so
+    # does everything while the standby is down or lags (see docs/scaling.md).
+    replica_url: SecretStr | None = None
+    # Seconds behind the primary past which the standby serves no reads at all.
+    replica_max_lag: Annotated[float, Field(gt=0, le=REPLICA_LAG_BOUND)] = 10.0
+    # How often each process measures how far the standby has replayed.
+    replica_check_interval: Annotated[float, Field(gt=0, le=60)] = 1.0
+    # The URLs point at PgBouncer in transaction pooling mode: no protocol-level named
+    # prepared statements (each statement is prepared unnamed, inside a transaction that
+    # pins one server connection) and no settings in the startup packet, which PgBouncer
+    # refuses; set statement_timeout on the role instead (docs/scaling.md).
+    pgbouncer: bool = False
 
-    @field_validator("url")
+    @field_validator("url", "replica_url")
     @classmethod
     def _async_driver(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import (
     AbstractAsyncContextManager,
     asynccontextmanager,
     contextmanager,
     nullcontext,
 )
-from typing import Annotated, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import sqlalchemy.exc as sa_exc
 from fastapi import Depends, Request
+from pydantic import SecretStr
 from sqlalchemy import MetaData, event
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -23,6 +25,11 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import DeclarativeBase
 
 from taskapp.config import DatabaseSettings
+
+if TYPE_CHECKING:
+    from taskapp.replica import ReadReplica
+
+T = TypeVar("T")
 
 # Deterministic constraint names keep migrations and `alembic check` stable.
 NAMING_CONVENTION = {
@@ -47,7 +54,11 @@ class DatabaseUnavailableError(Exception):
 
 
 def create_engine(
-    settings: DatabaseSettings, *, generic_plans: bool = False, **overrides: Any
+    settings: DatabaseSettings,
+    *,
+    generic_plans: bool = False,
+    url: SecretStr | None = None,
+    **overrides: Any,
 ) -> AsyncEngine:
     """An asyncpg engine with a bounded pool and client/server timeouts.
 
@@ -57,14 +68,24 @@ def create_engine(
     plan's estimate counts all partitions, though run-time pruning executes one: a list page
     then costs twice the server time (measured: ~500 µs against ~240 µs). Only for
     statements whose generic plan is known to be good: the API's (see the tasks repository).
+
+    `url`: another server of the same database (the read replica); default `settings.url`.
     """
-    if settings.url is None:
+    url = url or settings.url
+    if url is None:
         raise ValueError("TASKAPP_DATABASE_URL is not set")
     server_settings = {"application_name": "taskapp"}
-    if generic_plans:
-        server_settings["plan_cache_mode"] = "force_generic_plan"
-    if settings.statement_timeout:
-        server_settings["statement_timeout"] = str(int(settings.statement_timeout * 1000))
+    connect_args: dict[str, Any] = {}
+    if settings.pgbouncer:
+        # Named statements would outlive the transaction on a server connection other
+        # clients share; unnamed ones are replaced by the next. PgBouncer refuses startup
+        # parameters it does not track, and a generic plan nobody reuses is no gain.
+        connect_args |= {"statement_cache_size": 0, "prepared_statement_cache_size": 0}
+    else:
+        if generic_plans:
+            server_settings["plan_cache_mode"] = "force_generic_plan"
+        if settings.statement_timeout:
+            server_settings["statement_timeout"] = str(int(settings.statement_timeout * 1000))
     options: dict[str, Any] = {
         "pool_size": settings.pool_size,
         "max_overflow": settings.max_overflow,
@@ -75,10 +96,11 @@ def create_engine(
             "timeout": settings.connect_timeout,
             "command_timeout": settings.command_timeout,
             "server_settings": server_settings,
+            **connect_args,
         },
     }
     options.update(overrides)
-    engine = create_async_engine(settings.url.get_secret_value(), **options)
+    engine = create_async_engine(url.get_secret_value(), **options)
     if not options.get("pool_pre_ping"):
         event.listen(engine.sync_engine, "checkout", _discard_closed)
     return engine
@@ -99,6 +121,14 @@ def _discard_closed(dbapi_connection: Any, record: Any, proxy: Any) -> None:
 # Request state: an awaitable a request must pass before its first statement (the rate limit
 # of a read, which is counted as late as that; see taskapp.ratelimit).
 BEFORE_DATABASE_WORK = "before_database_work"
+
+
+def request_engine(engine: AsyncEngine, settings: DatabaseSettings) -> AsyncEngine:
+    """The engine requests use: autocommit (see `autocommit`), except behind PgBouncer in
+    transaction mode, where each request's statements run in a transaction of their own
+    (see `request_connection`): an unnamed statement is prepared, then bound and executed,
+    in two exchanges, and only a transaction keeps both on the same server connection."""
+    return engine if settings.pgbouncer else autocommit(engine)
 
 
 def autocommit(engine: AsyncEngine) -> AsyncEngine:
@@ -182,25 +212,52 @@ class ConnectionGate:
         self._slots.release()
 
 
+@dataclass(frozen=True, slots=True)
+class RequestDatabase:
+    """One server as requests use it: its engine (see `request_engine`), the gate in front of
+    its pool, and whether a request's statements need a transaction around them."""
+
+    engine: AsyncEngine
+    gate: ConnectionGate
+    transactional: bool
+
+    @classmethod
+    def for_engine(cls, engine: AsyncEngine, settings: DatabaseSettings) -> RequestDatabase:
+        capacity = settings.pool_size + settings.max_overflow
+        return cls(
+            request_engine(engine, settings),
+            ConnectionGate(capacity, settings.pool_timeout),
+            transactional=settings.pgbouncer,
+        )
+
+
 @asynccontextmanager
-async def request_connection(request: Request) -> AsyncIterator[AsyncConnection]:
-    """A connection for `request`, once it has passed its gate (`BEFORE_DATABASE_WORK`) and
-    had its turn at the pool; database outages inside the block surface as
-    `DatabaseUnavailableError`. Autocommit (see `autocommit`), and a plain connection: a
-    session's unit of work and transaction bookkeeping cost a statement about 120 µs."""
+async def request_connection(
+    request: Request, database: RequestDatabase | None = None
+) -> AsyncIterator[AsyncConnection]:
+    """A connection to `database` (default: the primary) for `request`, once it has passed
+    its gate (`BEFORE_DATABASE_WORK`) and had its turn at the pool; database outages inside
+    the block surface as `DatabaseUnavailableError`. Autocommit (see `autocommit`), and a
+    plain connection: a session's unit of work and transaction bookkeeping cost a statement
+    about 120 µs."""
     gate = getattr(request.state, BEFORE_DATABASE_WORK, None)
     if gate is not None:
         await gate()
-    connections: ConnectionGate = request.app.state.connection_gate
-    await connections.acquire()
+    if database is None:
+        database = request.app.state.database
+    await database.gate.acquire()
     try:
         with _outages_as_unavailable():
-            async with request.app.state.request_engine.connect() as connection:
+            async with database.engine.connect() as connection:
                 safe = request.method in SAFE_METHODS
                 with nullcontext() if safe else _unknown_outcomes():
-                    yield connection
+                    if database.transactional:
+                        async with connection.begin():
+                            yield connection
+                    else:
+                        yield connection
     finally:
-        connections.release()
+        database.gate.release()
 
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -233,7 +290,28 @@ class Connections:
         self._request = request
 
     def __call__(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        """A connection to the primary: for changes, and reads that must see them."""
         return request_connection(self._request)
+
+    async def read(self, written_at: float, query: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """`query`'s result, from the read replica when it has replayed the last write to
+        what is read (`written_at`, a time from `ResponseCache`), else from the primary.
+        A replica that fails is left for the primary, which answers this same read."""
+        replica: ReadReplica | None = self._request.app.state.replica
+        if replica is not None and replica.serves(written_at):
+            try:
+                async with request_connection(self._request, replica.database) as connection:
+                    result = await query(connection)
+            except DatabaseUnavailableError as exc:
+                replica.failed(exc)
+            else:
+                replica.served()
+                return result
+        async with request_connection(self._request) as connection:
+            result = await query(connection)
+        if replica is not None:
+            replica.passed()
+        return result
 
 
 async def get_connections(request: Request) -> Connections:

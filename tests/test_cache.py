@@ -281,12 +281,12 @@ async def test_waiters_load_themselves_when_the_loading_request_is_cancelled(
     cache = app.state.cache
     loads: list[str] = []
 
-    async def slow_load() -> bytes:
+    async def slow_load(_written_at: float) -> bytes:
         loads.append("leader")
         await asyncio.sleep(5)
         return b"never"
 
-    async def quick_load() -> bytes:
+    async def quick_load(_written_at: float) -> bytes:
         loads.append("waiter")
         return b"fresh"
 

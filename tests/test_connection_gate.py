@@ -52,7 +52,7 @@ async def test_reads_and_writes_wait_their_turn_then_answer_503(
     )
     alice = oidc.auth(f"gate-{uuid.uuid4()}")
     async with running(app) as client:
-        gate: ConnectionGate = app.state.connection_gate
+        gate: ConnectionGate = app.state.database.gate
         await gate.acquire()  # the only connection is taken
         with task_queries(app) as statements:
             read = await client.get(f"/tasks/{uuid.uuid4()}", headers=alice)

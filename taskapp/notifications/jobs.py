@@ -43,7 +43,12 @@ def _sessions() -> sessionmaker[Session]:
         pool_size=2,
         max_overflow=2,
         pool_pre_ping=True,
-        connect_args={"connect_timeout": int(settings.database.connect_timeout)},
+        connect_args={
+            "connect_timeout": int(settings.database.connect_timeout),
+            # psycopg prepares a statement run five times, by name, on one server connection
+            # that PgBouncer in transaction mode shares with other clients.
+            **({"prepare_threshold": None} if settings.database.pgbouncer else {}),
+        },
     )
     return sessionmaker(engine, expire_on_commit=False)
 

@@ -39,6 +39,32 @@ DB_POOL_OVERFLOW = Gauge(
     "db_pool_overflow", "Connections beyond the pool size", multiprocess_mode="livesum"
 )
 
+DB_READS = Counter(
+    "db_reads",
+    "Reads loaded from the database while a read replica is configured, by the server that"
+    " answered them (replica, primary)",
+    ["server"],
+)
+
+
+@cache
+def db_replica_up() -> Gauge:
+    return Gauge(
+        "db_replica_up",
+        "1 while the read replica serves reads, 0 while it is down or not a standby",
+        multiprocess_mode="livemin",
+    )
+
+
+@cache
+def db_replica_lag() -> Gauge:
+    return Gauge(
+        "db_replica_lag_seconds",
+        "Seconds since the newest moment the read replica is known to have replayed",
+        multiprocess_mode="livemax",
+    )
+
+
 # -- HTTP ------------------------------------------------------------------------------------
 HTTP_REQUESTS = Counter(
     "http_requests",

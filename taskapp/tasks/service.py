@@ -42,7 +42,8 @@ def _json(task: TaskRow) -> bytes:
 class TaskReader:
     """Reads, answered with serialized JSON so a cache hit skips the database and the models.
 
-    A connection is taken only to load a missed entry, and given back as soon as it is loaded.
+    A connection is taken only to load a missed entry, and given back as soon as it is loaded;
+    it is the read replica's when that has replayed the last write to the caller's view.
     """
 
     def __init__(
@@ -72,14 +73,16 @@ class TaskReader:
         else:
             raise ForbiddenError("Only admins may list another owner's tasks")
 
-        async def load() -> bytes:
-            async with self.connections() as connection:
-                total, tasks = await TaskRepository(connection).list(
+        async def load(written_at: float) -> bytes:
+            total, tasks = await self.connections.read(
+                written_at,
+                lambda connection: TaskRepository(connection).list(
                     owner=scope,
                     status=status.value if status else None,
                     offset=(page - 1) * page_size,
                     limit=page_size,
-                )
+                ),
+            )
             items = [TaskRead.model_validate(task) for task in tasks]
             result = TaskPage(total=total, page=page, page_size=page_size, items=items)
             return result.model_dump_json().encode()
@@ -90,9 +93,11 @@ class TaskReader:
         return await self.cache.get_or_load(_view(principal), key, load, rate_check=self.rate_check)
 
     async def get(self, principal: Principal, task_id: uuid.UUID) -> bytes:
-        async def load() -> bytes:
-            async with self.connections() as connection:
-                task = await TaskRepository(connection).get(task_id, owner=_scope(principal))
+        async def load(written_at: float) -> bytes:
+            task = await self.connections.read(
+                written_at,
+                lambda connection: TaskRepository(connection).get(task_id, owner=_scope(principal)),
+            )
             if task is None:
                 raise NotFoundError(TASK_NOT_FOUND)
             return _json(task)
