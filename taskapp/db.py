@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import sqlalchemy.exc as sa_exc
 from fastapi import Depends, Request
 from pydantic import SecretStr
-from sqlalchemy import MetaData, event
+from sqlalchemy import Engine, MetaData, event
+from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -104,6 +105,20 @@ def create_engine(
     if not options.get("pool_pre_ping"):
         event.listen(engine.sync_engine, "checkout", _discard_closed)
     return engine
+
+
+def create_sync_engine(settings: DatabaseSettings, **overrides: Any) -> Engine:
+    """A psycopg engine, for synchronous code (the Celery jobs)."""
+    if settings.url is None:
+        raise ValueError("TASKAPP_DATABASE_URL is not set")
+    url = settings.url.get_secret_value().replace("+asyncpg", "+psycopg", 1)
+    connect_args: dict[str, Any] = {"connect_timeout": int(settings.connect_timeout)}
+    if settings.pgbouncer:
+        # psycopg prepares a statement run five times on a connection, by a name counted per
+        # connection: on a server connection PgBouncer shares, another client's clashes.
+        connect_args["prepare_threshold"] = None
+    options: dict[str, Any] = {"pool_pre_ping": True, "connect_args": connect_args}
+    return sa_create_engine(url, **(options | overrides))
 
 
 def _discard_closed(dbapi_connection: Any, record: Any, proxy: Any) -> None:

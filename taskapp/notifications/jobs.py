@@ -16,10 +16,11 @@ from typing import Any
 
 from celery import Task
 from celery.signals import worker_process_init
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from taskapp.config import get_settings
+from taskapp.db import create_sync_engine
 from taskapp.notifications import mail
 from taskapp.notifications.celery_app import SEND_BATCH_JOB, SEND_JOB, SWEEP_JOB, create_celery
 from taskapp.notifications.models import Notification, NotificationStatus
@@ -36,20 +37,7 @@ PENDING = NotificationStatus.PENDING.value
 
 @cache
 def _sessions() -> sessionmaker[Session]:
-    assert settings.database.url is not None
-    url = settings.database.url.get_secret_value().replace("+asyncpg", "+psycopg", 1)
-    engine = create_engine(
-        url,
-        pool_size=2,
-        max_overflow=2,
-        pool_pre_ping=True,
-        connect_args={
-            "connect_timeout": int(settings.database.connect_timeout),
-            # psycopg prepares a statement run five times, by name, on one server connection
-            # that PgBouncer in transaction mode shares with other clients.
-            **({"prepare_threshold": None} if settings.database.pgbouncer else {}),
-        },
-    )
+    engine = create_sync_engine(settings.database, pool_size=2, max_overflow=2)
     return sessionmaker(engine, expire_on_commit=False)
 
 

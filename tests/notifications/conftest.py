@@ -27,6 +27,7 @@ from taskapp.db import upgrade_database
 from taskapp.embedded import is_listening
 from tests.conftest import SettingsFactory, running
 from tests.fixtures.oidc import OIDCProvider
+from tests.fixtures.pgbouncer import pgbouncer
 from tests.fixtures.processes import clean_env
 from tests.fixtures.services import PrivateRedis, private_redis, scratch_database
 from tests.notifications.harness import MailServer, Received, Worker, eventually
@@ -165,6 +166,7 @@ async def _pipeline(
     directory: Path,
     broker_url: str,
     broker: PrivateRedis | None,
+    database: dict[str, Any] | None = None,
 ) -> AsyncIterator[Delivery]:
     queue = f"test-notify-{uuid.uuid4().hex[:12]}"
     mail = MailServer()
@@ -179,7 +181,7 @@ async def _pipeline(
     # Only the broker is private: the API's cache and rate limiter stay on the session
     # Redis, so stopping the broker affects nothing but the outbox.
     settings = make_settings(
-        database={"url": database_url},
+        database={"url": database_url, **(database or {})},
         notifications=notifications,
         broker_url=broker_url,
         smtp=SMTPSettings(_env_file=None, url=mail.url),
@@ -244,3 +246,28 @@ async def rabbitmq_delivery(
         finally:
             with Connection(RABBITMQ) as connection:  # our queue is durable: remove it
                 connection.default_channel.queue_delete(pipeline.queue)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def pgbouncer_delivery(
+    make_settings: SettingsFactory,
+    outbox_database_url: str,
+    oidc: OIDCProvider,
+    tmp_path: Path,
+) -> AsyncIterator[Delivery]:
+    """The pipeline with the API and the workers on PgBouncer in transaction mode, sharing
+    one server connection."""
+    with (
+        private_redis(tmp_path / "broker") as broker,
+        pgbouncer(outbox_database_url, pool_size=1) as bouncer,
+    ):
+        async with _pipeline(
+            make_settings,
+            bouncer.url,
+            oidc,
+            tmp_path,
+            broker.url,
+            broker,
+            database={"pgbouncer": True},
+        ) as pipeline:
+            yield pipeline

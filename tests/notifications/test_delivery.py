@@ -249,6 +249,22 @@ async def test_rabbitmq_works_as_the_broker_too(rabbitmq_delivery: Delivery) -> 
     assert row.attempts == 1
 
 
+async def test_mail_goes_out_through_pgbouncer(pgbouncer_delivery: Delivery) -> None:
+    pgbouncer_delivery.mail.start()
+    pgbouncer_delivery.start_worker(
+        "--pool", "prefork", "--concurrency", "2", TASKAPP_DATABASE_PGBOUNCER="true"
+    )
+
+    created = [await pgbouncer_delivery.create(f"Pooled {n}") for n in range(6)]
+    await pgbouncer_delivery.wait_messages(6)
+    await asyncio.sleep(SETTLE)
+    assert len(pgbouncer_delivery.mail.messages) == 6
+    for n, (task_id, _) in enumerate(created):
+        row = await pgbouncer_delivery.row(task_id)
+        assert (row.status, row.attempts) == ("sent", 1)
+        assert_delivered(pgbouncer_delivery.message_for(row), row, f"Pooled {n}")
+
+
 async def test_a_message_that_cannot_be_built_fails_once_instead_of_looping(
     delivery: Delivery,
 ) -> None:
