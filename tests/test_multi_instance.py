@@ -323,6 +323,12 @@ async def test_requests_without_a_valid_token_are_limited_per_ip_but_probes_neve
         assert_rate_limited(
             await http.get(f"{instance.base_url}/tasks", headers=headers), ANONYMOUS_LIMIT
         )
+    # No proxy is trusted here (TASKAPP_TRUSTED_PROXIES unset), not even one on loopback:
+    # naming another address in X-Forwarded-For does not buy a new budget.
+    for i, instance in enumerate(limited_cluster.both):
+        spoofed = {"X-Forwarded-For": f"198.51.100.{i + 1}"}
+        response = await http.get(f"{instance.base_url}/tasks", headers=spoofed)
+        assert_rate_limited(response, ANONYMOUS_LIMIT)
     # A caller with a valid token from the same address has a budget of its own.
     carol_auth = oidc.auth(_subject("carol"))
     carol = await http.get(f"{limited_cluster.b.base_url}/tasks", headers=carol_auth)
