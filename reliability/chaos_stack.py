@@ -216,8 +216,12 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         location / {{
-            proxy_pass http://taskapp;
-            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_pass http://taskapp;{bind}
+            # The client's address appended to what it sent: the app believes the entries a
+            # trusted proxy added (TASKAPP_TRUSTED_PROXIES), never the client's own.
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            # Which instance answered (more than one when nginx tried another).
+            add_header X-Upstream $upstream_addr always;
             proxy_next_upstream error timeout;
             proxy_connect_timeout 2s;
             proxy_read_timeout 30s;
@@ -228,10 +232,13 @@ http {{
 
 
 class Nginx:
-    """Debian's nginx as the proxy in front of `upstreams`; `route()` changes them with a
-    graceful reload (old workers finish what they have, new ones take new requests)."""
+    """Debian's nginx as the proxy in front of `upstreams` (round robin); `route()` changes
+    them with a graceful reload (old workers finish what they have, new ones take new
+    requests). With `source_address`, nginx connects to them from that local address."""
 
-    def __init__(self, directory: Path, upstreams: list[int]) -> None:
+    def __init__(
+        self, directory: Path, upstreams: list[int], *, source_address: str | None = None
+    ) -> None:
         executable = shutil.which("nginx") or "/usr/sbin/nginx"
         if not Path(executable).exists():
             raise SystemExit("chaos: nginx not found (apt-get install nginx)")
@@ -241,6 +248,7 @@ class Nginx:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.conf = directory / "nginx.conf"
+        self.source_address = source_address
         self._write(upstreams)
         self.process = subprocess.Popen(  # noqa: S603 - nginx, found on PATH
             [executable, "-p", str(directory), "-c", str(self.conf)],
@@ -260,7 +268,10 @@ class Nginx:
 
     def _write(self, upstreams: list[int]) -> None:
         servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=0;" for p in upstreams)
-        self.conf.write_text(NGINX_CONF.format(dir=self.directory, servers=servers, port=self.port))
+        bind = f"\n            proxy_bind {self.source_address};" if self.source_address else ""
+        self.conf.write_text(
+            NGINX_CONF.format(dir=self.directory, servers=servers, port=self.port, bind=bind)
+        )
 
     def _workers(self) -> set[int]:
         import psutil

@@ -73,6 +73,10 @@ def serve_app(settings: Settings, host: str, port: int, workers: int, app: str =
             "log_level": settings.log_level.lower(),
             "log_config": None,  # keep the logging set up above
             "server_header": False,
+            # X-Forwarded-For is read by the rate limiter, from TASKAPP_TRUSTED_PROXIES only
+            # (ratelimit.client_ip). uvicorn's own reading would believe any peer on loopback
+            # (FORWARDED_ALLOW_IPS) and hand the app that peer's choice of client address.
+            "proxy_headers": False,
             "timeout_graceful_shutdown": 20,
             "access_log": False,  # taskapp logs each request itself (observability/http.py)
         }

@@ -4,13 +4,9 @@ leaks between users, and the rate limits are one budget across every process."""
 
 from __future__ import annotations
 
-import contextlib
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,68 +15,19 @@ import redis
 from fastapi import FastAPI
 from sqlalchemy import text
 
+from tests.fixtures.cluster import (
+    Cluster,
+    Instance,
+    assert_rate_limited,
+    rate_limit_headers,
+    serve_cluster,
+    shared_services,
+)
 from tests.fixtures.oidc import OIDCProvider
-from tests.fixtures.processes import clean_env, start, stop, wait_healthy
-from tests.fixtures.services import free_port
 
 NOT_FOUND = {"detail": "Task not found"}
 USER_LIMIT = 10
 ANONYMOUS_LIMIT = 5
-
-
-@dataclass(frozen=True)
-class Instance:
-    name: str
-    base_url: str
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """Two instances sharing one Redis key prefix (their cache and buckets, and no one else's)."""
-
-    a: Instance
-    b: Instance
-    key_prefix: str
-
-    @property
-    def both(self) -> tuple[Instance, Instance]:
-        return self.a, self.b
-
-
-@contextlib.contextmanager
-def _cluster(tmp: Path, **settings: str) -> Iterator[Cluster]:
-    """Start both instances at once (each its own process group and log), stop both after."""
-    prefix = f"test-{uuid.uuid4().hex}:"
-    env = clean_env(
-        TASKAPP_ENV="test",
-        TASKAPP_REDIS_KEY_PREFIX=prefix,
-        TASKAPP_NOTIFICATIONS_ENABLED="false",  # no broker consumer here
-        **settings,
-    )
-    started: list[tuple[subprocess.Popen[bytes], int, Path]] = []
-    with contextlib.ExitStack() as stack:
-        for name in ("a", "b"):  # both start at once, then both must become healthy
-            directory = tmp / name
-            directory.mkdir()
-            port = free_port()
-            args = ["serve", "--workers", "2", "--host", "127.0.0.1", "--port", str(port)]
-            process = start(args, env, directory)
-            stack.callback(stop, process)
-            started.append((process, port, directory))
-        for process, port, directory in started:
-            wait_healthy(process, port, directory)
-        a, b = (
-            Instance(n, f"http://127.0.0.1:{p}") for n, (_, p, _) in zip("AB", started, strict=True)
-        )
-        yield Cluster(a, b, prefix)
-
-
-def _services(database_url: str, redis_url: str, oidc: OIDCProvider) -> dict[str, str]:
-    return {
-        "TASKAPP_DATABASE_URL": database_url,
-        "TASKAPP_REDIS_URL": redis_url,
-        "TASKAPP_OIDC_ISSUER": oidc.issuer,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +35,9 @@ def cache_cluster(
     tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_url: str, oidc: OIDCProvider
 ) -> Iterator[Cluster]:
     """Limits out of the way: these tests are about the cache."""
-    with _cluster(
+    with serve_cluster(
         tmp_path_factory.mktemp("cache-cluster"),
-        **_services(database_url, redis_url, oidc),
+        **shared_services(database_url, redis_url, oidc),
         TASKAPP_RATE_LIMIT="1000000/second",
         TASKAPP_RATE_LIMIT_ANONYMOUS="1000000/second",
     ) as cluster:
@@ -101,9 +48,9 @@ def cache_cluster(
 def limited_cluster(
     tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_url: str, oidc: OIDCProvider
 ) -> Iterator[Cluster]:
-    with _cluster(
+    with serve_cluster(
         tmp_path_factory.mktemp("limited-cluster"),
-        **_services(database_url, redis_url, oidc),
+        **shared_services(database_url, redis_url, oidc),
         TASKAPP_RATE_LIMIT=f"{USER_LIMIT}/minute",
         TASKAPP_RATE_LIMIT_ANONYMOUS=f"{ANONYMOUS_LIMIT}/minute",
     ) as cluster:
@@ -320,25 +267,6 @@ async def test_users_never_see_each_others_cached_pages(
 # --- rate limits ----------------------------------------------------------------------------
 
 
-def _limit_headers(response: httpx.Response) -> tuple[int, int, int]:
-    headers = response.headers
-    return (
-        int(headers["RateLimit-Limit"]),
-        int(headers["RateLimit-Remaining"]),
-        int(headers["RateLimit-Reset"]),
-    )
-
-
-def _assert_limited(response: httpx.Response, limit: int) -> None:
-    assert response.status_code == 429, response.text
-    assert response.json() == {"detail": "Rate limit exceeded"}
-    assert response.headers["Retry-After"].isdigit()
-    assert int(response.headers["Retry-After"]) >= 1
-    limit_, remaining, reset = _limit_headers(response)
-    assert (limit_, remaining) == (limit, 0)
-    assert reset >= 1
-
-
 async def test_the_user_limit_is_one_budget_across_instances(
     http: httpx.AsyncClient, limited_cluster: Cluster, oidc: OIDCProvider
 ) -> None:
@@ -348,24 +276,24 @@ async def test_the_user_limit_is_one_budget_across_instances(
         instance = limited_cluster.both[i % 2]
         response = await http.get(f"{instance.base_url}/tasks", headers=alice)
         assert response.status_code == 200, (i, response.status_code, response.text)
-        limit, left, reset = _limit_headers(response)
+        limit, left, reset = rate_limit_headers(response)
         assert limit == USER_LIMIT
         assert reset >= 1
         remaining.append(left)
     assert remaining == list(range(USER_LIMIT - 1, -1, -1))
 
     for instance in (*limited_cluster.both, limited_cluster.a):
-        _assert_limited(await http.get(f"{instance.base_url}/tasks", headers=alice), USER_LIMIT)
+        assert_rate_limited(await http.get(f"{instance.base_url}/tasks", headers=alice), USER_LIMIT)
         # Writes count against the same budget: refused before they reach the database.
         refused = await http.post(f"{instance.base_url}/tasks", json={"title": "x"}, headers=alice)
-        _assert_limited(refused, USER_LIMIT)
+        assert_rate_limited(refused, USER_LIMIT)
 
     bob = oidc.auth(_subject("bob"))
     for instance in limited_cluster.both:
         response = await http.get(f"{instance.base_url}/tasks", headers=bob)
         assert response.status_code == 200
         assert response.json()["total"] == 0
-    assert _limit_headers(response)[:2] == (USER_LIMIT, USER_LIMIT - 2)
+    assert rate_limit_headers(response)[:2] == (USER_LIMIT, USER_LIMIT - 2)
 
 
 async def test_requests_without_a_valid_token_are_limited_per_ip_but_probes_never(
@@ -386,20 +314,26 @@ async def test_requests_without_a_valid_token_are_limited_per_ip_but_probes_neve
         instance = limited_cluster.both[i % 2]
         response = await http.get(f"{instance.base_url}/tasks", headers=headers)
         assert response.status_code == 401, (i, response.text)
-        limit, left, _ = _limit_headers(response)
+        limit, left, _ = rate_limit_headers(response)
         assert limit == ANONYMOUS_LIMIT
         remaining.append(left)
     assert remaining == list(range(ANONYMOUS_LIMIT - 1, -1, -1))
 
     for instance, headers in zip(limited_cluster.both, failing[:2], strict=True):
-        _assert_limited(
+        assert_rate_limited(
             await http.get(f"{instance.base_url}/tasks", headers=headers), ANONYMOUS_LIMIT
         )
+    # No proxy is trusted here (TASKAPP_TRUSTED_PROXIES unset), not even one on loopback:
+    # naming another address in X-Forwarded-For does not buy a new budget.
+    for i, instance in enumerate(limited_cluster.both):
+        spoofed = {"X-Forwarded-For": f"198.51.100.{i + 1}"}
+        response = await http.get(f"{instance.base_url}/tasks", headers=spoofed)
+        assert_rate_limited(response, ANONYMOUS_LIMIT)
     # A caller with a valid token from the same address has a budget of its own.
     carol_auth = oidc.auth(_subject("carol"))
     carol = await http.get(f"{limited_cluster.b.base_url}/tasks", headers=carol_auth)
     assert carol.status_code == 200
-    assert _limit_headers(carol)[:2] == (USER_LIMIT, USER_LIMIT - 1)
+    assert rate_limit_headers(carol)[:2] == (USER_LIMIT, USER_LIMIT - 1)
 
     # With this address's budget spent, the health probes still answer, every time.
     for i in range(50):
