@@ -51,7 +51,11 @@ def _key_source(settings: Settings, http: httpx.AsyncClient) -> tuple[KeySource,
     oidc = settings.oidc
     if oidc.issuer is not None:
         source = OIDCKeySource(
-            oidc.issuer, http, ttl=oidc.jwks_cache_ttl, cooldown=oidc.jwks_refetch_cooldown
+            oidc.issuer,
+            http,
+            ttl=oidc.jwks_cache_ttl,
+            cooldown=oidc.jwks_refetch_cooldown,
+            discovery_url=oidc.discovery_url,
         )
         return source, oidc.issuer
     if oidc.trust_dev_key and not settings.is_production:

@@ -116,6 +116,11 @@ class OIDCSettings(BaseSettings):
 
     # Keycloak: http://host:8080/realms/NAME. Unset only in the dev mode of `taskapp run`.
     issuer: str | None = None
+    # Where to fetch the discovery document when the issuer's public URL is not reachable
+    # from the API (a container network: http://keycloak:8080/realms/NAME/.well-known/
+    # openid-configuration). The document must still name `issuer`, and tokens must carry
+    # it. Unset: {issuer}/.well-known/openid-configuration.
+    discovery_url: str | None = None
     audience: str = "taskapp-api"
     # Trust the local dev signing key in the data directory (set by `taskapp run` only).
     trust_dev_key: bool = False
@@ -141,6 +146,26 @@ class OIDCSettings(BaseSettings):
             raise ValueError("must be an http(s) URL such as http://keycloak:8080/realms/taskapp")
         # Tokens carry the issuer exactly as configured in the provider: no trailing slash.
         return value.rstrip("/")
+
+    @field_validator("discovery_url")
+    @classmethod
+    def _discovery_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError(
+                "must be an http(s) URL such as "
+                "http://keycloak:8080/realms/taskapp/.well-known/openid-configuration"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _discovery_needs_issuer(self) -> Self:
+        if self.discovery_url is not None and self.issuer is None:
+            raise ValueError(
+                "TASKAPP_OIDC_DISCOVERY_URL needs TASKAPP_OIDC_ISSUER (the issuer tokens carry)"
+            )
+        return self
 
 
 class CacheSettings(BaseSettings):

@@ -198,6 +198,35 @@ def test_bad_issuer_url_is_refused(monkeypatch: pytest.MonkeyPatch, issuer: str)
         load()
 
 
+def test_discovery_url_is_read_with_the_issuer(monkeypatch: pytest.MonkeyPatch) -> None:
+    url = "http://keycloak:8080/realms/taskapp/.well-known/openid-configuration"
+    set_production(monkeypatch, TASKAPP_OIDC_DISCOVERY_URL=url)
+    settings = load()
+    assert settings.oidc.discovery_url == url
+    assert settings.oidc.issuer == GOOD_ISSUER
+
+
+def test_discovery_url_defaults_to_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_production(monkeypatch, TASKAPP_OIDC_DISCOVERY_URL="")
+    assert load().oidc.discovery_url is None
+
+
+@pytest.mark.parametrize("url", ["keycloak:8080/realms/taskapp", "file:///etc/passwd", "https://"])
+def test_bad_discovery_url_is_refused(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    set_production(monkeypatch, TASKAPP_OIDC_DISCOVERY_URL=url)
+    with pytest.raises(ValidationError, match="discovery_url"):
+        load()
+
+
+def test_discovery_url_without_issuer_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "TASKAPP_OIDC_DISCOVERY_URL",
+        "http://keycloak:8080/realms/taskapp/.well-known/openid-configuration",
+    )
+    with pytest.raises(ValidationError, match="TASKAPP_OIDC_DISCOVERY_URL needs"):
+        load()
+
+
 @pytest.mark.parametrize(
     "issuer",
     [

@@ -94,6 +94,11 @@ class StaticKeySource:
 class OIDCKeySource:
     """The provider's JWKS, found through discovery and cached.
 
+    - Discovery is read from `discovery_url` (default: the issuer's own
+      `/.well-known/openid-configuration`) and must name `issuer`; the JWKS is then read
+      from the document's `jwks_uri`. A separate discovery URL serves providers reached
+      over an internal address while their tokens carry the public one (Keycloak with
+      `hostname-backchannel-dynamic`, whose `jwks_uri` follows the address asked).
     - Keys older than `ttl` are refreshed in the background while the cached ones keep
       serving, so a slow provider never slows requests down; only a cold cache waits.
     - A token naming an unknown kid forces a fetch at once (at most once per `cooldown`, so
@@ -103,9 +108,16 @@ class OIDCKeySource:
     """
 
     def __init__(
-        self, issuer: str, http: httpx.AsyncClient, *, ttl: float, cooldown: float
+        self,
+        issuer: str,
+        http: httpx.AsyncClient,
+        *,
+        ttl: float,
+        cooldown: float,
+        discovery_url: str | None = None,
     ) -> None:
         self.issuer = issuer
+        self.discovery_url = discovery_url or f"{issuer}/.well-known/openid-configuration"
         self._http = http
         self._ttl = ttl
         self._cooldown = cooldown
@@ -157,8 +169,8 @@ class OIDCKeySource:
         except Exception as exc:  # any failure: keep serving the keys already known
             self._failed_at = time.monotonic()
             logger.warning(
-                "JWKS fetch from %s failed (%r); keeping %d known keys",
-                self.issuer,
+                "JWKS fetch via %s failed (%r); keeping %d known keys",
+                self.discovery_url,
                 exc,
                 len(self._keys),
             )
@@ -170,7 +182,7 @@ class OIDCKeySource:
 
     async def _fetch(self) -> dict[str, SigningKey]:
         if self._jwks_uri is None:
-            config = await self._get_json(f"{self.issuer}/.well-known/openid-configuration")
+            config = await self._get_json(self.discovery_url)
             if config.get("issuer") != self.issuer:
                 raise ValueError(f"discovery document names issuer {config.get('issuer')!r}")
             jwks_uri = config.get("jwks_uri")

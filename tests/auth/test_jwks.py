@@ -22,6 +22,7 @@ from jwt.algorithms import RSAAlgorithm
 from taskapp.app import create_app
 from tests.conftest import SettingsFactory, running
 from tests.fixtures.oidc import OIDCProvider, new_rsa_key, public_jwk, serve_provider
+from tests.fixtures.services import free_port
 
 INVALID_TOKEN_CHALLENGE = 'Bearer error="invalid_token"'
 
@@ -36,6 +37,7 @@ def served_provider() -> Iterator[OIDCProvider]:
 def provider(served_provider: OIDCProvider) -> OIDCProvider:
     """The module's provider, reset to one fresh published signing key for this test."""
     served_provider.base_url = served_provider.base_url.replace("localhost", "127.0.0.1")
+    served_provider.frontend_url = ""
     served_provider.keys.clear()
     served_provider.published.clear()
     served_provider.extra_jwks = []
@@ -425,4 +427,47 @@ async def test_discovery_naming_another_issuer_is_not_trusted(
             response = await client.get("/tasks", headers=provider.auth(iss=issuer))
             assert_provider_unavailable(response)
     # Its jwks_uri was never followed.
+    assert provider.jwks_fetches == 0
+
+
+def closed_port_url() -> str:
+    """An address where nothing listens: connecting is refused at once, no DNS involved."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+async def test_discovery_url_reaches_a_provider_that_names_an_unreachable_public_issuer(
+    make_settings: SettingsFactory, provider: OIDCProvider
+) -> None:
+    # Keycloak in a compose network: its tokens and its discovery document name the public
+    # issuer (where browsers and curl reach it), which the API cannot reach; the API reads
+    # discovery at the internal address, and the jwks_uri found there is internal too.
+    provider.frontend_url = closed_port_url()
+    discovery_url = provider.backchannel + "/.well-known/openid-configuration"
+
+    # Without the discovery URL the public issuer is asked, and nothing answers there.
+    async with started(make_settings, provider) as client:
+        assert_provider_unavailable(await client.get("/tasks", headers=provider.auth()))
+    assert provider.jwks_fetches == 0
+
+    async with started(make_settings, provider, discovery_url=discovery_url) as client:
+        response = await client.get("/tasks", headers=provider.auth())
+        assert response.status_code == 200, response.text
+        # The issuer is still the public one: a token naming the internal address is refused.
+        response = await client.get("/tasks", headers=provider.auth(iss=provider.backchannel))
+        assert_invalid_token(response)
+        assert response.json()["detail"] == "Token issuer not accepted"
+    assert provider.jwks_fetches == 1
+
+
+async def test_discovery_url_describing_another_issuer_is_not_trusted(
+    make_settings: SettingsFactory, provider: OIDCProvider
+) -> None:
+    # The document at the discovery URL names its own address, not the configured issuer.
+    configured_issuer = closed_port_url() + "/realms/taskapp"
+    discovery_url = provider.backchannel + "/.well-known/openid-configuration"
+    settings = make_settings(oidc_={"issuer": configured_issuer, "discovery_url": discovery_url})
+    async with running(create_app(settings)) as client:
+        for issuer in (configured_issuer, provider.issuer):
+            response = await client.get("/tasks", headers=provider.auth(iss=issuer))
+            assert_provider_unavailable(response)
     assert provider.jwks_fetches == 0
