@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -39,7 +39,9 @@ from bench.plans import Plan, explain_scenarios
 from bench.seed import Dataset, seed
 from taskapp.db import upgrade_database
 from tests.fixtures.oidc import OIDCProvider, serve_provider
+from tests.fixtures.pgbouncer import PGBOUNCER, pgbouncer
 from tests.fixtures.services import free_port, postgres_server, redis_server, scratch_database
+from tests.fixtures.standby import streaming_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA = ROOT / "bench" / "wrk" / "taskapp.lua"
@@ -115,6 +117,14 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra server environment (to compare settings)")  # fmt: skip
     parser.add_argument("--label", default="", help="a word for the result file name")
+    parser.add_argument(
+        "--topology",
+        choices=TOPOLOGIES,
+        default="direct",
+        help="direct: the local PostgreSQL; pgbouncer: through PgBouncer in transaction mode; "
+        "standby: a private primary whose streaming standby serves the reads; primary: the "
+        "same private primary alone (the baseline of standby)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 100k rows, 5 s per scenario"
     )
@@ -327,6 +337,9 @@ def _table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+TOPOLOGIES = ("direct", "pgbouncer", "standby", "primary")
+
+
 @contextlib.contextmanager
 def _services(work: Path) -> Iterator[tuple[str, str]]:
     """A scratch database (migrated, empty) and a Redis URL; local servers or embedded ones."""
@@ -347,18 +360,61 @@ class Prepared:
     redis_url: str
     dataset: Dataset
     seed_seconds: float
+    # How the service reaches the data (see `--topology`): its TASKAPP_DATABASE_* settings.
+    server_env: dict[str, str]
+
+
+def _asyncpg(url: str) -> str:
+    return url.replace("postgresql://", "postgresql+asyncpg://", 1)
+
+
+def _topology(
+    stack: contextlib.ExitStack, work: Path, topology: str
+) -> tuple[str, str, Callable[[str], dict[str, str]]]:
+    """The database to seed, the Redis URL, and the service's database settings for it."""
+    if topology in {"direct", "pgbouncer"}:
+        database_url, redis_url = stack.enter_context(_services(work))
+        if topology == "direct":
+            return database_url, redis_url, lambda url: {"TASKAPP_DATABASE_URL": _asyncpg(url)}
+        if not Path(PGBOUNCER).exists():
+            sys.exit("bench: PgBouncer not found (apt-get install pgbouncer)")
+        # As many server connections as the two workers' pools could use.
+        bouncer = stack.enter_context(pgbouncer(database_url, pool_size=40))
+        return (
+            database_url,
+            redis_url,
+            lambda _: {
+                "TASKAPP_DATABASE_URL": _asyncpg(bouncer.url),
+                "TASKAPP_DATABASE_PGBOUNCER": "true",
+            },
+        )
+    # A private primary with a streaming standby (crash-safe, like the local server).
+    pair = stack.enter_context(streaming_pair(durable=True))
+    redis_url = stack.enter_context(redis_server(work))
+    database_url = stack.enter_context(scratch_database(pair.primary.url, prefix="taskapp_bench"))
+    name = urlsplit(database_url).path
+
+    def settings(url: str) -> dict[str, str]:
+        env = {"TASKAPP_DATABASE_URL": _asyncpg(url)}
+        if topology == "standby":
+            env["TASKAPP_DATABASE_REPLICA_URL"] = _asyncpg(
+                pair.standby.url.rsplit("/", 1)[0] + name
+            )
+        return env
+
+    return database_url, redis_url, settings
 
 
 def prepare_data(stack: contextlib.ExitStack, work: Path, args: argparse.Namespace) -> Prepared:
     """Services (local or embedded, released by `stack`), migrated and seeded per `args`."""
-    database_url, redis_url = stack.enter_context(_services(work))
-    async_url = database_url.replace("postgresql://", "postgresql+asyncpg://", 1)
+    database_url, redis_url, server_env = _topology(stack, work, args.topology)
+    async_url = _asyncpg(database_url)
     upgrade_database(async_url)
     started = time.monotonic()
     dataset = seed(database_url, rows=args.rows, owners=args.owners)
     seeded = time.monotonic() - started
     print(f"seeded {dataset.rows:,} tasks of {len(dataset.owners):,} owners in {seeded:.1f} s")
-    return Prepared(database_url, async_url, redis_url, dataset, seeded)
+    return Prepared(database_url, async_url, redis_url, dataset, seeded, server_env(database_url))
 
 
 @dataclass
@@ -392,7 +448,7 @@ def start_service(
     env = {
         "TASKAPP_ENV": "production",
         "TASKAPP_LOG_LEVEL": args.log_level,
-        "TASKAPP_DATABASE_URL": data.async_url,
+        **data.server_env,
         "TASKAPP_REDIS_URL": data.redis_url,
         "TASKAPP_REDIS_KEY_PREFIX": prefix,
         "TASKAPP_OIDC_ISSUER": provider.issuer,
