@@ -381,12 +381,14 @@ class Settings(BaseSettings):
             problems.append("TASKAPP_OIDC_ISSUER is required in production")
         if self.oidc.trust_dev_key:
             problems.append("TASKAPP_OIDC_TRUST_DEV_KEY must not be set in production")
-        for name, secret in (
-            ("TASKAPP_DATABASE_URL", self.database.url),
-            ("TASKAPP_REDIS_URL", self.redis.url),
+        for name, secret, required in (
+            ("TASKAPP_DATABASE_URL", self.database.url, True),
+            ("TASKAPP_REDIS_URL", self.redis.url, True),
+            ("TASKAPP_DATABASE_REPLICA_URL", self.database.replica_url, False),
         ):
             if secret is None:
-                problems.append(f"{name} is required in production")
+                if required:
+                    problems.append(f"{name} is required in production")
             elif _has_placeholder_password(secret.get_secret_value()):
                 problems.append(f"{name} uses a placeholder password; set a real one")
         token = self.metrics_token.get_secret_value() if self.metrics_token else None

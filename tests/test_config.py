@@ -106,6 +106,28 @@ def test_production_refuses_a_placeholder_redis_password(monkeypatch: pytest.Mon
         load()
 
 
+def test_production_refuses_a_placeholder_replica_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    set_production(monkeypatch)
+    assert load().database.replica_url is None  # optional
+    monkeypatch.setenv(
+        "TASKAPP_DATABASE_REPLICA_URL", "postgresql://taskapp:changethis@db2/taskapp"
+    )
+    with pytest.raises(ValidationError, match="TASKAPP_DATABASE_REPLICA_URL"):
+        load()
+
+
+def test_the_replica_url_is_a_postgresql_url_for_asyncpg(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TASKAPP_DATABASE_REPLICA_URL", "postgres://u:p@standby:5432/taskapp")
+    url = load().database.replica_url
+    assert url is not None
+    assert url.get_secret_value() == "postgresql+asyncpg://u:p@standby:5432/taskapp"
+    monkeypatch.setenv("TASKAPP_DATABASE_REPLICA_URL", "mysql://u:p@standby/taskapp")
+    with pytest.raises(ValidationError, match="replica_url"):
+        load()
+
+
 def test_dev_accepts_a_placeholder_password(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TASKAPP_DATABASE_URL", "postgresql://postgres:changethis@localhost/db")
     assert load().database.url is not None
