@@ -319,6 +319,11 @@ class Connections:
                     result = await query(connection)
             except DatabaseUnavailableError as exc:
                 replica.failed(exc)
+            except sa_exc.DBAPIError as exc:
+                # A hot standby cancels a query whose rows replay must remove ("conflict with
+                # recovery", 40001): the standby is fine, this read is the primary's.
+                if getattr(exc.orig, "sqlstate", None) != "40001":
+                    raise
             else:
                 replica.served()
                 return result
