@@ -46,6 +46,20 @@ def _metrics_directory() -> Iterator[None]:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _own_metrics_directory() -> Iterator[None]:
+    """The metrics directory of this process and those it starts: PROMETHEUS_MULTIPROC_DIR
+    when given (a container's; emptied, so totals start from zero), else a fresh one."""
+    preset = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if preset:
+        for stale in Path(preset).glob("*.db"):
+            stale.unlink(missing_ok=True)
+        yield
+    else:
+        with _metrics_directory():
+            yield
+
+
 def serve_app(settings: Settings, host: str, port: int, workers: int, app: str = APP) -> None:
     """Serve the factory `app` the way `taskapp serve` does (the benchmark reuses this)."""
     import uvicorn
@@ -57,13 +71,7 @@ def serve_app(settings: Settings, host: str, port: int, workers: int, app: str =
     # formatter as the workers'; uvicorn's loggers then propagate to it.
     configure_logging(settings.log_level, json_lines=settings.json_logs)
     with contextlib.ExitStack() as stack:
-        preset = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        if preset:
-            # A directory given to us (containers): reset, so totals start from zero.
-            for stale in Path(preset).glob("*.db"):
-                stale.unlink(missing_ok=True)
-        else:
-            stack.enter_context(_metrics_directory())
+        stack.enter_context(_own_metrics_directory())
         options: dict[str, Any] = {
             "factory": True,
             "host": host,
@@ -143,11 +151,13 @@ def cmd_run(args: argparse.Namespace) -> None:
             stack.callback(sink.stop)
             os.environ["TASKAPP_SMTP_URL"] = f"smtp://127.0.0.1:{port}"
             print(f"Mail: captured as .eml files in {mail_dir}", flush=True)
-        # The worker's notification counters show up in the API's /metrics too.
+        # The worker's notification counters show up in the API's /metrics too, so the
+        # worker serves none of its own (which would also empty this shared directory).
         stack.enter_context(_metrics_directory())
         if settings.notifications.enabled:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "taskapp.cli", "worker", "--concurrency", "1"]
+                [sys.executable, "-m", "taskapp.cli", "worker", "--concurrency", "1"],
+                env={**os.environ, "TASKAPP_WORKER_METRICS_PORT": ""},
             )
             stack.callback(_stop_process, worker)
         print(f"Serving taskapp on http://{args.host}:{args.port} (docs at /docs)", flush=True)
@@ -203,9 +213,51 @@ def _worker_settings() -> Settings:
     return settings
 
 
+@contextlib.contextmanager
+def _metrics_listener(settings: Settings, *, pool: bool) -> Iterator[None]:
+    """With TASKAPP_WORKER_METRICS_PORT, this process serves GET /metrics until it ends.
+
+    `pool`: Celery's pool processes record the values (prefork), so they write them to a
+    metrics directory of this worker's own, and a scrape reports their totals. Enter this
+    before anything imports prometheus_client: it picks its storage on first import.
+    """
+    config = settings.worker
+    if config.metrics_port is None:
+        yield
+        return
+    if settings.is_production and settings.metrics_token is None:
+        sys.exit(
+            "taskapp: TASKAPP_WORKER_METRICS_PORT needs TASKAPP_METRICS_TOKEN in production "
+            "(the token that may read the metrics)"
+        )
+    with contextlib.ExitStack() as stack:
+        if pool:
+            stack.enter_context(_own_metrics_directory())
+        from taskapp.observability.metrics_server import start_metrics_server
+        from taskapp.observability.scrape import process_registry, scrape_registry
+
+        try:
+            server = start_metrics_server(
+                config.metrics_host,
+                config.metrics_port,
+                scrape_registry if pool else process_registry,
+                settings.metrics_token,
+            )
+        except OSError as exc:
+            where = f"{config.metrics_host}:{config.metrics_port}"
+            sys.exit(f"taskapp: cannot serve metrics on {where}: {exc.strerror or exc}")
+        stack.callback(server.close)
+        yield
+
+
 def cmd_worker(args: argparse.Namespace) -> None:
     """Celery worker that sends notification e-mails, with the outbox sweep (beat) inside."""
     settings = _worker_settings()
+    with _metrics_listener(settings, pool=True):
+        _run_worker(settings, args)
+
+
+def _run_worker(settings: Settings, args: argparse.Namespace) -> None:
     from taskapp.notifications.jobs import celery
 
     argv = [
@@ -224,11 +276,14 @@ def cmd_worker(args: argparse.Namespace) -> None:
 def cmd_beat(args: argparse.Namespace) -> None:
     """Only the outbox sweep scheduler, for deployments that run beat on its own (once)."""
     settings = _worker_settings()
-    from taskapp.notifications.jobs import celery
+    # Beat records no taskapp metric (the sweep it schedules runs in a worker): its
+    # listener reports the process itself, and so that it is up.
+    with _metrics_listener(settings, pool=False):
+        from taskapp.notifications.jobs import celery
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    schedule = settings.data_dir.resolve() / "celerybeat-schedule"
-    celery.start(["beat", f"--loglevel={settings.log_level}", f"--schedule={schedule}"])
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        schedule = settings.data_dir.resolve() / "celerybeat-schedule"
+        celery.start(["beat", f"--loglevel={settings.log_level}", f"--schedule={schedule}"])
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:

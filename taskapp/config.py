@@ -290,6 +290,26 @@ class NotificationSettings(BaseSettings):
     sweep_interval: Annotated[float, Field(gt=0, le=3600)] = 15.0
 
 
+class WorkerSettings(BaseSettings):
+    """`TASKAPP_WORKER_*`: the Celery processes, `taskapp worker` and `taskapp beat`."""
+
+    model_config = _group("TASKAPP_WORKER_")
+
+    # Serve the process's own Prometheus metrics at http://HOST:PORT/metrics (with the
+    # bearer token TASKAPP_METRICS_TOKEN when it is set), for a scraper in another container
+    # or pod. Unset: no listener (`taskapp run` keeps it unset: its API's /metrics already
+    # reports the worker's metrics).
+    metrics_port: Annotated[int | None, Field(ge=1, le=65535)] = None
+    # Every interface: the scraper reaches the container or pod at its own address.
+    metrics_host: Annotated[str, Field(min_length=1)] = "0.0.0.0"  # noqa: S104  # nosec B104
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _unset_port(cls, value: object) -> object:
+        # TASKAPP_WORKER_METRICS_PORT= (empty) turns the listener off, as unset does.
+        return None if isinstance(value, str) and not value.strip() else value
+
+
 _ORIGIN = re.compile(
     r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$"
 )
@@ -330,6 +350,7 @@ class Settings(BaseSettings):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     smtp: SMTPSettings = Field(default_factory=SMTPSettings)
     notifications: NotificationSettings = Field(default_factory=NotificationSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
     # Celery's broker; default: the Redis of TASKAPP_REDIS_URL. amqp:// (RabbitMQ) works too.
     broker_url: SecretStr | None = None
     # Not "rate_limit": TASKAPP_RATE_LIMIT is the per-user rate inside this group.

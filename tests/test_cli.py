@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -133,7 +134,12 @@ def test_run_serves_the_readme_session_on_embedded_services(tmp_path):
     """`taskapp run` with nothing configured: embedded PostgreSQL + Redis, dev tokens, data kept."""
     port = free_port()
     data_dir = tmp_path / "data"
-    env = clean_env(TASKAPP_DATA_DIR=str(data_dir))
+    # Set, as it may be in a shared .env: `taskapp run` keeps its worker's metrics in the
+    # API's /metrics and starts no listener of the worker's own.
+    worker_metrics_port = free_port()
+    env = clean_env(
+        TASKAPP_DATA_DIR=str(data_dir), TASKAPP_WORKER_METRICS_PORT=str(worker_metrics_port)
+    )
     base = f"http://127.0.0.1:{port}"
     with running_server(["run"], env, port, tmp_path):
         alice = _token(
@@ -147,6 +153,14 @@ def test_run_serves_the_readme_session_on_embedded_services(tmp_path):
         mail = _wait_for_files(data_dir / "mail", 1)
         assert b"Subject: New task: Write report" in mail[0].read_bytes()
         assert b"To: alice@example.com" in mail[0].read_bytes()
+        deadline = time.monotonic() + 10
+        while 'taskapp_notifications_total{outcome="sent"} 1.0' not in (
+            httpx.get(f"{base}/metrics", headers=user).text
+        ):
+            assert time.monotonic() < deadline, "the API's /metrics never counted the e-mail"
+            time.sleep(0.1)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{worker_metrics_port}/metrics")
         task_id = created.json()["id"]
         kept = httpx.post(f"{base}/tasks", json={"title": "Survives restarts"}, headers=user)
         assert kept.status_code == 201
@@ -256,3 +270,53 @@ def test_worker_refuses_to_start_without_a_mail_server(tmp_path):
     )
     assert result.returncode != 0
     assert "taskapp worker needs TASKAPP_SMTP_URL" in result.stderr
+
+
+def _worker_metrics_env(**values: str) -> dict[str, str]:
+    """What `taskapp worker` and `taskapp beat` need to start (nothing is reached before the
+    metrics listener is set up), in production."""
+    return clean_env(
+        TASKAPP_ENV="production",
+        TASKAPP_DATABASE_URL="postgresql://taskapp:real-password-0123@127.0.0.1:9/taskapp",
+        TASKAPP_REDIS_URL="redis://127.0.0.1:9/0",
+        TASKAPP_OIDC_ISSUER="https://sso.example.com/realms/taskapp",
+        TASKAPP_SMTP_URL="smtp://127.0.0.1:9",
+        **values,
+    )
+
+
+@pytest.mark.parametrize("command", ["worker", "beat"])
+def test_worker_metrics_need_the_scrape_token_in_production(tmp_path, command):
+    result = subprocess.run(
+        [TASKAPP, command],
+        env=_worker_metrics_env(TASKAPP_WORKER_METRICS_PORT=str(free_port())),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "TASKAPP_WORKER_METRICS_PORT needs TASKAPP_METRICS_TOKEN in production" in result.stderr
+
+
+def test_worker_metrics_on_a_port_in_use_stop_the_start_in_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [TASKAPP, "beat"],
+            env=_worker_metrics_env(
+                TASKAPP_WORKER_METRICS_PORT=str(port),
+                TASKAPP_WORKER_METRICS_HOST="127.0.0.1",
+                TASKAPP_METRICS_TOKEN="scrape-token-0123456789",
+            ),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode != 0
+    assert result.stderr.strip() == (
+        f"taskapp: cannot serve metrics on 127.0.0.1:{port}: Address already in use"
+    )

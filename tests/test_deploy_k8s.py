@@ -55,11 +55,28 @@ SECRET_KEYS = {
 TMP = "/tmp"  # noqa: S108
 # Environment variables the pods set that are not taskapp settings.
 OTHER_ENV = {"PROMETHEUS_MULTIPROC_DIR"}
+
+
+def _scrape_token_if_served(settings: Settings) -> object:
+    """In production `taskapp worker|beat` serve /metrics only with the scrape token."""
+    return settings.metrics_token if settings.worker.metrics_port is not None else "no listener"
+
+
 # What each command refuses to start without (taskapp/cli.py).
 REQUIRED_SETTINGS: dict[str, tuple[Callable[[Settings], object], ...]] = {
     "serve": (lambda s: s.database.url, lambda s: s.redis.url, lambda s: s.oidc.issuer),
-    "worker": (lambda s: s.database.url, lambda s: s.celery_broker_url, lambda s: s.smtp.url),
-    "beat": (lambda s: s.database.url, lambda s: s.celery_broker_url, lambda s: s.smtp.url),
+    "worker": (
+        lambda s: s.database.url,
+        lambda s: s.celery_broker_url,
+        lambda s: s.smtp.url,
+        _scrape_token_if_served,
+    ),
+    "beat": (
+        lambda s: s.database.url,
+        lambda s: s.celery_broker_url,
+        lambda s: s.smtp.url,
+        _scrape_token_if_served,
+    ),
     "migrate": (lambda s: s.database.url,),
 }
 POD_TEMPLATE_KINDS = {"Deployment", "Job"}
@@ -388,6 +405,23 @@ def check_workers(objects: Objects) -> None:
             assert runs_beat == (owner["metadata"]["name"] == BEAT), owner["metadata"]["name"]
 
 
+def check_worker_metrics(objects: Objects) -> None:
+    """The worker and beat serve their own /metrics, on the port their scrape annotations
+    name, to every interface of the pod, behind the scrape token."""
+    for name in (WORKER, BEAT):
+        pod = find(objects, "Deployment", name)["spec"]["template"]
+        main = container(objects, "Deployment", name)
+        env = container_env(objects, main)
+        port = int(env["TASKAPP_WORKER_METRICS_PORT"])
+        assert env.get("TASKAPP_WORKER_METRICS_HOST", "0.0.0.0") == "0.0.0.0", name  # noqa: S104
+        assert env.get("TASKAPP_METRICS_TOKEN"), f"{name}: /metrics without the scrape token"
+        assert resolve_port(main, "metrics") == port, name
+        annotations = pod["metadata"].get("annotations", {})
+        assert annotations.get("prometheus.io/scrape") == "true", name
+        assert annotations.get("prometheus.io/port") == str(port), name
+        assert annotations.get("prometheus.io/path") == "/metrics", name
+
+
 def check_migration(objects: Objects) -> None:
     """One Job runs `taskapp migrate`, once, and cleans up after itself; nothing else does."""
     job = find(objects, "Job", MIGRATE)
@@ -497,7 +531,8 @@ def check_security(objects: Objects) -> None:
 
 def check_writable_paths(objects: Objects) -> None:
     """With a read-only root, everything the processes write is on a volume: /tmp, the
-    API's Prometheus multiprocess directory, beat's schedule file in TASKAPP_DATA_DIR."""
+    Prometheus multiprocess directory of the API and of the worker's pool, beat's schedule
+    file in TASKAPP_DATA_DIR."""
     for owner, template in pod_templates(objects):
         pod = template["spec"]
         empty_dirs = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
@@ -511,7 +546,9 @@ def check_writable_paths(objects: Objects) -> None:
             where = f"{owner['metadata']['name']}/{main['name']}"
             assert TMP in mounts, f"{where}: {TMP} is not writable"
             args = command_of(main)
-            if args.func is cli.cmd_serve:
+            if args.func is cli.cmd_serve or (
+                args.func is cli.cmd_worker and args.pool == "prefork"
+            ):
                 assert env.get("PROMETHEUS_MULTIPROC_DIR") in mounts, where
             if args.func is cli.cmd_beat:
                 assert env.get("TASKAPP_DATA_DIR") in mounts, where
@@ -537,6 +574,7 @@ CHECKS = [
     check_graceful_shutdown,
     check_autoscaling,
     check_workers,
+    check_worker_metrics,
     check_migration,
     check_resources,
     check_references,
@@ -667,6 +705,14 @@ def _delete(*path: str | int) -> Callable[[dict[str, Any]], None]:
     return lambda obj: _parent(obj, path).__delitem__(path[-1])
 
 
+def _drop_env(name: str) -> Callable[[dict[str, Any]], None]:
+    def drop(obj: dict[str, Any]) -> None:
+        [main] = obj["spec"]["template"]["spec"]["containers"]
+        main["env"] = [variable for variable in main["env"] if variable["name"] != name]
+
+    return drop
+
+
 POD = ("spec", "template", "spec")
 C0 = (*POD, "containers", 0)
 COMPONENT = "app.kubernetes.io/component"
@@ -753,6 +799,41 @@ BREAKAGES: list[Breakage] = [
         BEAT,
         _set("spec", "strategy", value={"type": "RollingUpdate"}),
     ),
+    (
+        "worker scraped on another port",
+        check_worker_metrics,
+        "Deployment",
+        WORKER,
+        _set("spec", "template", "metadata", "annotations", "prometheus.io/port", value="9000"),
+    ),
+    (
+        "beat not scraped",
+        check_worker_metrics,
+        "Deployment",
+        BEAT,
+        _delete("spec", "template", "metadata", "annotations"),
+    ),
+    (
+        "metrics port not the container's",
+        check_worker_metrics,
+        "ConfigMap",
+        CONFIG_MAP,
+        _set("data", "TASKAPP_WORKER_METRICS_PORT", value="9541"),
+    ),
+    (
+        "worker metrics without token",
+        check_worker_metrics,
+        "Deployment",
+        WORKER,
+        _drop_env("TASKAPP_METRICS_TOKEN"),
+    ),
+    (
+        "worker metrics on loopback",
+        check_worker_metrics,
+        "ConfigMap",
+        CONFIG_MAP,
+        _set("data", "TASKAPP_WORKER_METRICS_HOST", value="127.0.0.1"),
+    ),
     ("Job serves", check_migration, "Job", MIGRATE, _set(*C0, "args", value=["serve"])),
     (
         "Job restarts in place",
@@ -832,6 +913,13 @@ BREAKAGES: list[Breakage] = [
         _set(*C0, "volumeMounts", value=[{"name": "tmp", "mountPath": TMP}]),
     ),
     (
+        "no worker metrics volume",
+        check_writable_paths,
+        "Deployment",
+        WORKER,
+        _set(*C0, "volumeMounts", value=[{"name": "tmp", "mountPath": TMP}]),
+    ),
+    (
         "image on latest",
         check_images,
         "Deployment",
@@ -857,6 +945,14 @@ def test_a_broken_requirement_is_caught(
     breakage(find(objects, kind, name))
     with pytest.raises(AssertionError):
         check(objects)
+
+
+def test_worker_metrics_without_the_scrape_token_are_caught(
+    objects: Objects, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _drop_env("TASKAPP_METRICS_TOKEN")(find(objects, "Deployment", BEAT))
+    with pytest.raises(AssertionError, match=BEAT):
+        check_settings(objects, monkeypatch, tmp_path)
 
 
 def test_a_missing_setting_is_caught(

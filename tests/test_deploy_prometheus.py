@@ -154,8 +154,13 @@ def test_scrape_config_scrapes_taskapp_with_bearer_token_file() -> None:
         "credentials_file": PRODUCTION_TOKEN_FILE,
     }
     assert "credentials" not in job["authorization"]  # no secret in the repository
-    targets = [t for static in job["static_configs"] for t in static["targets"]]
-    assert targets == ["taskapp:8000"]
+    targets = {static["labels"]["component"]: static["targets"] for static in job["static_configs"]}
+    # The API on its HTTP port, the worker and beat on TASKAPP_WORKER_METRICS_PORT.
+    assert targets == {
+        "api": ["taskapp:8000"],
+        "worker": ["taskapp-worker:9540"],
+        "beat": ["taskapp-beat:9540"],
+    }
 
 
 def test_alert_rules_pass_promtool_check() -> None:
@@ -317,3 +322,19 @@ def test_dashboard_has_the_panels_operators_need() -> None:
     assert has("taskapp_rate_limit_decisions_total", "by (kind, decision)")
     assert has("taskapp_outbox_pending")
     assert has("taskapp_notifications_total", "by (outcome)")
+
+
+def test_the_workers_metrics_are_not_filtered_by_the_api_instance() -> None:
+    # The Instance variable lists the targets with HTTP metrics, the API's; the worker (its own
+    # target, component="worker") reports these, so picking an API instance would empty them.
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    assert "http_requests_total" in variables["instance"]["definition"]
+    worker_exprs = [
+        expr
+        for expr in dashboard_exprs()
+        if {"taskapp_outbox_pending", "taskapp_notifications_total"} & metric_names(expr)
+    ]
+    assert len(worker_exprs) >= 2
+    for expr in worker_exprs:
+        assert "$instance" not in expr, expr
+        assert 'job=~"$job"' in expr, expr

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from taskapp.app import create_app
-from taskapp.observability.exposition import forget_dead_processes
+from taskapp.observability.scrape import forget_dead_processes
 from tests.conftest import SettingsFactory, running
 from tests.fixtures.oidc import OIDCProvider
 from tests.fixtures.processes import clean_env, running_server

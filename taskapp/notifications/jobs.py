@@ -7,6 +7,7 @@ PostgreSQL driver: Celery jobs are synchronous code.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import smtplib
 import uuid
@@ -15,7 +16,8 @@ from functools import cache
 from typing import Any
 
 from celery import Task
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
+from prometheus_client import multiprocess
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,6 +27,7 @@ from taskapp.notifications import mail
 from taskapp.notifications.celery_app import SEND_BATCH_JOB, SEND_JOB, SWEEP_JOB, create_celery
 from taskapp.notifications.models import Notification, NotificationStatus
 from taskapp.observability.metrics import NOTIFICATIONS, OUTBOX_PENDING
+from taskapp.observability.scrape import MULTIPROCESS_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,15 @@ def _sessions() -> sessionmaker[Session]:
 def _forget_inherited_pool(**_: Any) -> None:
     # A forked pool process must not share its parent's connections.
     _sessions.cache_clear()
+
+
+@worker_process_shutdown.connect
+def _forget_exited_process(pid: int, **_: Any) -> None:
+    # Sent in the pool process as it exits: its live gauges (the outbox backlog it last
+    # measured) leave the totals with it; its counters stay, as counters must.
+    directory = os.environ.get(MULTIPROCESS_ENV)
+    if directory:
+        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
 
 
 def _backoff(attempt: int) -> float:

@@ -268,6 +268,9 @@ def test_the_stack_passes_the_production_checks(
     assert settings.oidc.issuer == "http://localhost:8080/realms/taskapp"
     assert settings.oidc.discovery_url is not None
     assert settings.oidc.discovery_url.startswith("http://keycloak:8080/")
+    # The worker and beat serve their metrics, which production allows with the token only.
+    assert settings.worker.metrics_port == 9540
+    assert settings.metrics_token is not None
     # Docker gives the compose network a private range; nginx's address in it is trusted.
     network = ipaddress.ip_network("172.18.0.0/16")
     assert any(network.subnet_of(trusted) for trusted in settings.ratelimit.trusted_networks)  # type: ignore[arg-type]

@@ -1,6 +1,7 @@
 """Prometheus and Grafana in deploy/compose.yml: the compose scrape config passes promtool and
-scrapes every API replica with the token of the env file; Grafana is provisioned with that
-Prometheus and the dashboard (tests/test_deploy_prometheus.py checks the dashboard itself)."""
+scrapes every API replica, the worker and beat with the token of the env file; Grafana is
+provisioned with that Prometheus and the dashboard (tests/test_deploy_prometheus.py checks
+the dashboard itself)."""
 
 from __future__ import annotations
 
@@ -64,15 +65,41 @@ def test_every_api_replica_is_scraped_as_job_taskapp(services: dict[str, Any]) -
     assert 'job="taskapp"' in (DEPLOY / "prometheus" / "alerts.yml").read_text()
     assert job["metrics_path"] == "/metrics"
     # One target per replica: Docker's DNS answers the service name with every container.
-    (discovery,) = job["dns_sd_configs"]
-    assert discovery["type"] == "A"
-    assert discovery["names"] == ["api"]
+    discovery = {name: sd for sd in job["dns_sd_configs"] for name in sd["names"]}
+    assert all(sd["type"] == "A" for sd in discovery.values())
     assert services["api"]["deploy"]["replicas"] == 2
     assert services["api"]["command"][services["api"]["command"].index("--port") + 1] == str(
-        discovery["port"]
+        discovery["api"]["port"]
     )
     assert "static_configs" not in job
     assert config["rule_files"] == ["alerts.yml"]
+
+
+def test_the_worker_and_beat_are_scraped_on_their_own_metrics_port(
+    services: dict[str, Any],
+) -> None:
+    config = yaml.safe_load(CONFIG.read_text())
+    (job,) = config["scrape_configs"]
+    discovery = {name: sd for sd in job["dns_sd_configs"] for name in sd["names"]}
+    # Every taskapp process that runs on: the one-shot migration has nothing to scrape.
+    assert set(discovery) == {"api", "worker", "beat"}
+    for name in ("worker", "beat"):
+        service = services[name]
+        port = service["environment"]["TASKAPP_WORKER_METRICS_PORT"]
+        assert discovery[name]["port"] == int(port), name
+        # Reachable by Prometheus on the compose network, published nowhere.
+        assert [str(p) for p in service["expose"]] == [port], name
+        assert "ports" not in service, name
+        # The listener's token is the scrape token of the API, which Prometheus sends.
+        assert (
+            service["environment"]["TASKAPP_METRICS_TOKEN"]
+            == services["prometheus"]["environment"]["TASKAPP_METRICS_TOKEN"]
+        )
+    # Series say which process they come from: the name the target was found under.
+    assert {
+        "source_labels": ["__meta_dns_name"],
+        "target_label": "component",
+    } in job["relabel_configs"]
 
 
 def test_prometheus_reads_the_token_of_the_env_file_from_a_private_file(

@@ -103,14 +103,17 @@ class MailServer:
 
 
 class Worker:
-    """One `taskapp worker` (with its embedded beat) in a process group of its own."""
+    """One `taskapp worker` (with its embedded beat), or `taskapp beat` (`command`), in a
+    process group of its own."""
 
-    def __init__(self, args: list[str], env: dict[str, str], directory: Path) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str], directory: Path, command: str = "worker"
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.log = directory / "worker.log"
+        self.log = directory / f"{command}.log"
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
-                [TASKAPP, "worker", *args],
+                [TASKAPP, command, *args],
                 start_new_session=True,
                 env={**env, "TASKAPP_DATA_DIR": str(directory)},
                 cwd=directory,
