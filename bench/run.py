@@ -88,6 +88,8 @@ class Result:
     cache_hit_ratio: float | None
     ceiling_share: float | None = None
     target: float | None = None
+    # Database reads the read replica answered (--topology standby).
+    replica_reads: int = 0
 
     @property
     def meets_target(self) -> bool | None:
@@ -200,14 +202,15 @@ class Server:
             raise SystemExit(f"bench: unexpected first page: {response.text[:300]}")
         return response.content
 
-    def cache_counts(self) -> tuple[float, float]:
+    def counts(self) -> tuple[float, float, float]:
+        """Cache hits, cache lookups, and database reads answered by a read replica."""
         token = self.env["TASKAPP_METRICS_TOKEN"]
         text = httpx.get(
             f"{self.base}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10
         ).text
         hits = _metric_sum(text, "taskapp_cache_requests", 'result="hit"')
         lookups = hits + _metric_sum(text, "taskapp_cache_requests", 'result="miss"')
-        return hits, lookups
+        return hits, lookups, _metric_sum(text, "db_reads", 'server="replica"')
 
     def problems(self) -> list[str]:
         lines = self.log.read_text(errors="replace").splitlines()
@@ -247,9 +250,9 @@ def _run_scenario(
 ) -> Result:
     if args.warmup:
         run_wrk(args, server, scenario.mode, users, args.warmup)
-    hits_before, lookups_before = server.cache_counts()
+    hits_before, lookups_before, replica_before = server.counts()
     raw = run_wrk(args, server, scenario.mode, users, args.duration)
-    hits_after, lookups_after = server.cache_counts()
+    hits_after, lookups_after, replica_after = server.counts()
     lookups = lookups_after - lookups_before
     return Result(
         scenario=scenario.number,
@@ -265,6 +268,7 @@ def _run_scenario(
         error_kinds={k: v for k, v in raw["errors"].items() if v},
         cache_hit_ratio=(hits_after - hits_before) / lookups if lookups else None,
         target=scenario.target,
+        replica_reads=int(replica_after - replica_before),
     )
 
 
@@ -519,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             print(
                 f"  {scenario.number} {scenario.name:<8} {result.rps:8.0f} req/s  "
-                f"p99 {result.p99_ms:6.1f} ms  errors {result.errors}",
+                f"p99 {result.p99_ms:6.1f} ms  errors {result.errors}"
+                + (f"  replica reads {result.replica_reads:,}" if result.replica_reads else ""),
                 flush=True,
             )
         ceiling = next((r for r in results if r.scenario == 7), None)
