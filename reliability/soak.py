@@ -39,6 +39,7 @@ import psycopg
 from bench.run import (
     RESULTS,
     ROOT,
+    TOPOLOGIES,
     Server,
     machine_facts,
     prepare_data,
@@ -111,6 +112,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-p99-ratio", type=float, default=1.5)
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes")
     parser.add_argument("--label", default="", help="a word for the result file name")
+    parser.add_argument(
+        "--topology", choices=TOPOLOGIES, default="direct", help="as `make bench` --topology"
+    )
     args = parser.parse_args(argv)
     args.owners = args.owners or max(100, args.rows // 100)
     if args.rate <= 0 or args.duration < args.segment or args.segment <= 0:
