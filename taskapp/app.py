@@ -12,6 +12,7 @@ import httpx
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from taskapp.auth.devkey import DEV_ISSUER, dev_key_source
 from taskapp.auth.jwks import KeySource, OIDCKeySource
@@ -19,7 +20,7 @@ from taskapp.auth.tokens import TokenVerifier
 from taskapp.body_limit import BodySizeLimitMiddleware
 from taskapp.cache import ResponseCache
 from taskapp.config import Settings, get_settings
-from taskapp.db import RequestDatabase, create_engine
+from taskapp.db import RequestDatabase, check_statement_timeout, create_engine
 from taskapp.errors import HEAD_TOO_LARGE, error_responses, install_error_handlers
 from taskapp.notifications.celery_app import create_celery
 from taskapp.notifications.outbox import Outbox
@@ -83,28 +84,34 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.database = RequestDatabase.for_engine(engine, database)
     replica_engine = None
     app.state.replica = replica = None
+    app.state.redis = redis
+    app.state.cache = cache = ResponseCache(
+        redis,
+        settings.cache,
+        key_prefix=settings.redis.key_prefix,
+        track_writes=database.replica_url is not None,
+    )
+    measurements: list[AsyncEngine] = []
     if database.replica_url is not None:
         replica_engine = create_engine(database, generic_plans=True, url=database.replica_url)
         instrument(replica_engine)
+        # The replica's measurements have connections of their own (see ReadReplica).
+        measurements = [
+            create_engine(database, url=url, pool_size=1, max_overflow=0)
+            for url in (database.replica_url, database.url)
+        ]
         app.state.replica = replica = ReadReplica(
             RequestDatabase.for_engine(replica_engine, database),
-            replica=replica_engine,
-            primary=engine,
-            redis=redis,
+            replica=measurements[0],
+            primary=measurements[1],
+            clock=cache.now,
             settings=database,
         )
-    app.state.redis = redis
     app.state.rate_limiter = RateLimiter(
         redis, key_prefix=settings.redis.key_prefix, timeout=settings.ratelimit.timeout
     )
     celery = create_celery(settings) if settings.notifications.enabled else None
     app.state.outbox = outbox = Outbox(celery, enabled=settings.notifications.enabled)
-    app.state.cache = cache = ResponseCache(
-        redis,
-        settings.cache,
-        key_prefix=settings.redis.key_prefix,
-        track_writes=replica is not None,
-    )
     app.state.token_verifier = TokenVerifier(
         keys,
         issuer=issuer,
@@ -114,6 +121,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         cache_ttl=settings.oidc.claims_cache_ttl,
     )
     try:
+        await check_statement_timeout(engine, database)
         async with probing(engine), measuring(replica):
             if settings.gc_freeze:
                 _freeze_startup_objects()
@@ -127,8 +135,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await http.aclose()
         await redis.aclose()
         await engine.dispose()
-        if replica_engine is not None:
-            await replica_engine.dispose()
+        for other in (replica_engine, *measurements):
+            if other is not None:
+                await other.dispose()
 
 
 def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:

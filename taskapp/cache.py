@@ -32,7 +32,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from taskapp.config import REPLICA_LAG_BOUND, CacheSettings
+from taskapp.config import CacheSettings
 from taskapp.observability.metrics import CACHE_ERRORS, CACHE_REQUESTS
 from taskapp.ratelimit import GCRA_FUNCTION, RateLimitCheck, RateLimitRefusedError, gcra_arguments
 from taskapp.redis_client import REDIS_FAILURES, RedisBreaker
@@ -74,18 +74,32 @@ end
 return {key, false, 'busy', decision, wrote}
 """
 )
-# Bump the counters in KEYS (generations, or the epoch) and record when, in microseconds of
-# the server's clock, for ARGV[1] seconds.
-_BUMP = """
-local t = redis.call('TIME')
-local now = t[1] .. string.format('%06d', t[2])
-for i = 1, #KEYS do
-  redis.call('INCR', KEYS[i])
-  redis.call('SET', KEYS[i] .. ':wrote', now, 'EX', ARGV[1])
+# The cache's clock (KEYS[1]): the Redis server's time in µs, but never less than one past
+# the last reading, so it only moves forward, even if the server's clock is set back.
+_CLOCK_FUNCTION = """
+local function tick(clock)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local last = tonumber(redis.call('GET', clock) or '0')
+  if now <= last then now = last + 1 end
+  now = string.format('%.0f', now)
+  redis.call('SET', clock, now)
+  return now
 end
 """
-# How long the time of a write is kept: longer than a replica may lag and still serve reads.
-WRITE_TIME_TTL = REPLICA_LAG_BOUND + 10
+_NOW = _CLOCK_FUNCTION + "return tick(KEYS[1])"
+# Bump the counters in KEYS[2..] (generations, or the epoch) and record the clock's reading
+# beside each. No TTL: evicted, a write time would read as "long ago".
+_BUMP = (
+    _CLOCK_FUNCTION
+    + """
+local now = tick(KEYS[1])
+for i = 2, #KEYS do
+  redis.call('INCR', KEYS[i])
+  redis.call('SET', KEYS[i] .. ':wrote', now)
+end
+"""
+)
 # The time of the last write to what a load reads, when the cache could not tell: later than
 # anything a replica has replayed, so the primary answers.
 UNKNOWN = math.inf
@@ -132,6 +146,8 @@ class ResponseCache:
         self._store = redis.register_script(_STORE)
         self._release = redis.register_script(_RELEASE)
         self._bump = redis.register_script(_BUMP)
+        self._now = redis.register_script(_NOW)
+        self._clock_key = f"{self._prefix}clock"
         self._breaker = RedisBreaker(
             logger, "response cache", retry_interval=settings.retry_interval
         )
@@ -213,16 +229,30 @@ class ResponseCache:
             return
         keys = [self._generation_key(_scope_id(scope)) for scope in scopes]
         try:
-            await self._call("invalidate", self._bump(keys=keys, args=[WRITE_TIME_TTL]))
+            await self._call("invalidate", self._bump(keys=[self._clock_key, *keys]))
         except _Unavailable:
             # Entries of these scopes may still be readable by other processes: make sure
             # the whole cache is discarded before anyone serves from it again.
             self._lost_invalidation = True
             self._start_repair()
 
+    async def now(self) -> int:
+        """The clock write times are read from (µs, never going back); raises on Redis
+        trouble."""
+        return int(await self._now(keys=[self._clock_key]))
+
+    async def invalidate_all(self) -> None:
+        """Make every entry unreachable, in every process; for a change whose scope is not
+        known. Redis failing, entries are bypassed here until the epoch could be bumped."""
+        try:
+            await self._call("invalidate", self._bump(keys=[self._clock_key, self._epoch_key]))
+        except _Unavailable:
+            self._lost_invalidation = True
+            self._start_repair()
+
     async def clear(self) -> None:
         """Discard every entry at once (all processes): for changes made outside the API."""
-        await self._bump(keys=[self._epoch_key], args=[WRITE_TIME_TTL])
+        await self._bump(keys=[self._clock_key, self._epoch_key])
 
     async def aclose(self) -> None:
         if self._store_timer is not None:
@@ -240,7 +270,7 @@ class ResponseCache:
 
     async def _last_write(self, scope: str) -> float:
         """When `scope` was last written, for a load with the cache off."""
-        if not self._track_writes or not self._breaker.available():
+        if not self._track_writes or not self._available():
             return UNKNOWN
         keys = (self._generation_key(_scope_id(scope)), self._epoch_key)
         try:
@@ -365,7 +395,7 @@ class ResponseCache:
         """Retry until the global epoch is bumped; only then serve from the cache again."""
         while self._lost_invalidation:
             try:
-                await self._call("epoch", self._bump(keys=[self._epoch_key], args=[WRITE_TIME_TTL]))
+                await self._call("epoch", self._bump(keys=[self._clock_key, self._epoch_key]))
             except _Unavailable:
                 await asyncio.sleep(self._settings.retry_interval)
             else:

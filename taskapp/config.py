@@ -41,7 +41,7 @@ class EnvironmentSettings(BaseSettings):
     env: Environment = Environment.DEV
 
 
-# Upper bound of TASKAPP_DATABASE_REPLICA_MAX_LAG: how long a view's last write time is kept.
+# Upper bound of TASKAPP_DATABASE_REPLICA_MAX_LAG, in seconds.
 REPLICA_LAG_BOUND = 300
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import (
     AbstractAsyncContextManager,
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import sqlalchemy.exc as sa_exc
 from fastapi import Depends, Request
 from pydantic import SecretStr
-from sqlalchemy import Engine, MetaData, event
+from sqlalchemy import Engine, MetaData, event, text
 from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from taskapp.replica import ReadReplica
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 # Deterministic constraint names keep migrations and `alembic check` stable.
 NAMING_CONVENTION = {
@@ -119,6 +122,27 @@ def create_sync_engine(settings: DatabaseSettings, **overrides: Any) -> Engine:
         connect_args["prepare_threshold"] = None
     options: dict[str, Any] = {"pool_pre_ping": True, "connect_args": connect_args}
     return sa_create_engine(url, **(options | overrides))
+
+
+async def check_statement_timeout(engine: AsyncEngine, settings: DatabaseSettings) -> None:
+    """Behind PgBouncer the statement timeout is not sent (see `create_engine`): say so at
+    start-up when the server has none either, since only the role can set it then."""
+    if not settings.pgbouncer or not settings.statement_timeout:
+        return
+    try:
+        async with engine.connect() as connection:
+            value = (await connection.execute(text("SHOW statement_timeout"))).scalar_one()
+    except Exception as exc:  # the database down at start-up is reported elsewhere
+        logger.debug("statement_timeout not checked: %r", exc)
+        return
+    if value in {"0", "0ms"}:
+        logger.warning(
+            "behind PgBouncer, TASKAPP_DATABASE_STATEMENT_TIMEOUT (%g s) is not applied and "
+            "the server has no statement_timeout: set it on the role "
+            "(ALTER ROLE ... SET statement_timeout = '%ds')",
+            settings.statement_timeout,
+            int(settings.statement_timeout),
+        )
 
 
 def _discard_closed(dbapi_connection: Any, record: Any, proxy: Any) -> None:
@@ -276,6 +300,7 @@ async def request_connection(
 
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+RECOVERY_CONFLICTS = frozenset({"40001", "40P01"})
 OUTCOME_UNKNOWN = "Database did not answer: the change may or may not have been made"
 
 
@@ -311,19 +336,21 @@ class Connections:
     async def read(self, written_at: float, query: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """`query`'s result, from the read replica when it has replayed the last write to
         what is read (`written_at`, a time from `ResponseCache`), else from the primary.
-        A replica that fails is left for the primary, which answers this same read."""
+        When the replica fails, the primary answers this same read."""
         replica: ReadReplica | None = self._request.app.state.replica
         if replica is not None and replica.serves(written_at):
             try:
                 async with request_connection(self._request, replica.database) as connection:
                     result = await query(connection)
             except DatabaseUnavailableError as exc:
-                replica.failed(exc)
+                if exc.detail != BUSY:  # busy is no fault: only this read moves
+                    replica.failed(exc.detail)
             except sa_exc.DBAPIError as exc:
-                # A hot standby cancels a query whose rows replay must remove ("conflict with
-                # recovery", 40001): the standby is fine, this read is the primary's.
-                if getattr(exc.orig, "sqlstate", None) != "40001":
-                    raise
+                # A hot standby cancels a query that conflicts with what it replays (40001,
+                # 40P01): the standby is fine. Anything else (a rotated password, a schema
+                # the standby has not replayed yet) keeps it out until a check succeeds.
+                if getattr(exc.orig, "sqlstate", None) not in RECOVERY_CONFLICTS:
+                    replica.failed(type(exc.orig).__name__)
             else:
                 replica.served()
                 return result

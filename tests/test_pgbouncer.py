@@ -118,7 +118,7 @@ async def test_without_the_setting_shared_server_connections_break(
 
 
 async def test_startup_parameters_are_not_sent_through_pgbouncer(
-    make_settings: SettingsFactory, oidc: OIDCProvider, database: str
+    make_settings: SettingsFactory, database: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
     with pgbouncer(database) as bouncer:
         refused = create_app(make_settings(database={"url": bouncer.url}))
@@ -126,8 +126,11 @@ async def test_startup_parameters_are_not_sent_through_pgbouncer(
             assert (await client.get("/readyz")).status_code == 503
         assert "unsupported startup parameter" in bouncer.log()
         accepted = create_app(make_settings(database={"url": bouncer.url, "pgbouncer": True}))
+        capfd.readouterr()
         async with running(accepted) as client:
             assert (await client.get("/readyz")).status_code == 200
+        # The statement timeout cannot travel through PgBouncer, and this role has none.
+        assert "ALTER ROLE ... SET statement_timeout = '15s'" in capfd.readouterr().err
 
 
 def test_migrations_run_through_pgbouncer(

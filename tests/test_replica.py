@@ -15,6 +15,7 @@ import pytest
 from fastapi import FastAPI
 
 from taskapp.app import create_app
+from taskapp.cache import ResponseCache, _scope_id
 from taskapp.db import upgrade_database
 from taskapp.replica import ReadReplica
 from tests.conftest import SettingsFactory, running
@@ -257,3 +258,77 @@ async def test_a_server_that_is_not_a_standby_serves_no_reads(
         response = await client.get("/tasks", headers=oidc.auth(owner))
         assert response.status_code == 200
         assert _reads("primary") == primary_reads + 1
+
+
+async def test_a_standby_behind_what_it_had_replayed_is_measured_again(
+    streaming: StreamingPair, make_settings: SettingsFactory
+) -> None:
+    """A standby that restarted from an earlier point (or another server behind the same
+    address) is not trusted for what the one before had replayed."""
+    app = _app(make_settings, streaming, replica_check_interval=60)
+    async with running(app):
+        replica: ReadReplica = app.state.replica
+        await replica.check()
+        assert replica.serves(0)
+        replica._advance(0)  # the standby reports a replay position behind the last one
+        assert not replica.serves(0)
+        await replica.check()  # it passes a new sample: trusted again from there
+        assert replica.serves(0)
+
+
+async def test_write_times_have_no_expiry_and_the_clock_never_goes_back(
+    streaming: StreamingPair, make_settings: SettingsFactory, oidc: OIDCProvider
+) -> None:
+    app = _app(make_settings, streaming, replica_check_interval=60)
+    async with running(app) as client:
+        cache: ResponseCache = app.state.cache
+        ahead = await cache.now() + 3_600_000_000  # as if the server's clock had gone back 1 h
+        await cache._redis.set(cache._clock_key, ahead)
+        assert await cache.now() == ahead + 1
+        owner = f"replica-{uuid.uuid4().hex[:8]}"
+        await client.post("/tasks", json={"title": "x"}, headers=oidc.auth(owner))
+        wrote = f"{cache._generation_key(_scope_id(f'owner:{owner}'))}:wrote"
+        assert int(await cache._redis.get(wrote) or 0) > ahead + 1
+        assert await cache._redis.ttl(wrote) == -1  # never evicted as "expired"
+
+
+async def test_a_busy_replica_leaves_the_read_to_the_primary_and_stays_in_service(
+    streaming: StreamingPair, make_settings: SettingsFactory, oidc: OIDCProvider
+) -> None:
+    app = _app(make_settings, streaming, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    owner = f"replica-{uuid.uuid4().hex[:8]}"
+    async with running(app) as client:
+        await _serving(app, client)
+        replica: ReadReplica = app.state.replica
+        await replica.database.gate.acquire()  # the replica's only connection is taken
+        try:
+            primary_reads = _reads("primary")
+            response = await client.get("/tasks", headers=oidc.auth(owner))
+            assert response.status_code == 200
+            assert _reads("primary") == primary_reads + 1
+            assert replica.serves(0)
+        finally:
+            replica.database.gate.release()
+
+
+async def test_a_query_the_replica_refuses_is_answered_by_the_primary(
+    streaming: StreamingPair, make_settings: SettingsFactory, oidc: OIDCProvider
+) -> None:
+    """A role that may connect to the standby but not read the tasks (as after a rotated
+    grant): the read falls back, and the standby is out until a check succeeds."""
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    await streaming.primary.execute(f"CREATE ROLE {role} LOGIN")
+    await streaming.caught_up()
+    standby = streaming.standby.url.replace("postgres@", f"{role}@", 1)
+    app = _app(make_settings, streaming, replica_url=standby, replica_check_interval=60)
+    owner = f"replica-{uuid.uuid4().hex[:8]}"
+    async with running(app) as client:
+        replica: ReadReplica = app.state.replica
+        await replica.check()
+        assert replica.serves(0)
+        primary_reads = _reads("primary")
+        response = await client.get("/tasks", headers=oidc.auth(owner))
+        assert response.status_code == 200
+        assert response.json()["total"] == 0
+        assert _reads("primary") == primary_reads + 1
+        assert not replica.serves(0)
