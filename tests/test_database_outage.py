@@ -8,9 +8,11 @@ import signal
 import time
 from pathlib import Path
 
+import asyncpg
 import pgserver
 
 from taskapp.app import create_app
+from taskapp.cache import _scope_id
 from tests.conftest import running
 from tests.fixtures.services import signal_cluster
 
@@ -110,8 +112,13 @@ async def test_a_change_sent_to_a_frozen_database_says_its_outcome_is_unknown(
     settings = make_settings(
         database={"url": url, "connect_timeout": 1, "command_timeout": 1, "pool_timeout": 1}
     )
-    async with running(create_app(settings)) as client:
+    app = create_app(settings)
+    async with running(app) as client:
         assert (await client.post("/tasks", json={"title": "a"}, headers=auth)).status_code == 201
+        assert (await client.get("/tasks", headers=auth)).json()["total"] == 1  # cached
+        cache = app.state.cache
+        generation = cache._generation_key(_scope_id("owner:alice"))
+        before = int(await cache._redis.get(generation))
         signal_cluster(data_dir, signal.SIGSTOP)
         try:
             response = await asyncio.wait_for(
@@ -125,10 +132,19 @@ async def test_a_change_sent_to_a_frozen_database_says_its_outcome_is_unknown(
         }
         # Whether "b" was stored depends on a race the service cannot see: the resumed
         # backend runs the INSERT it had received, unless the driver's cancel request (sent
-        # on the timeout, to a postmaster paused too) reaches it first. Hence the answer.
+        # on the timeout, to a postmaster paused too) reaches it first. Hence the answer, and
+        # the cached pages of alice's view are dropped as after a change.
+        assert int(await cache._redis.get(generation)) == before + 1
+        await asyncio.sleep(0.5)  # the resumed backend finishes what it had received
         listed = await client.get("/tasks", headers=auth)
         assert listed.status_code == 200
         titles = sorted(task["title"] for task in listed.json()["items"])
+        connection = await asyncpg.connect(url.replace("+asyncpg", ""))
+        try:
+            stored = sorted(await connection.fetchval("SELECT array_agg(title) FROM tasks"))
+        finally:
+            await connection.close()
+        assert titles == stored
         assert titles in (["a"], ["a", "b"])
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from taskapp.auth.principal import Principal
 from taskapp.cache import ResponseCache
-from taskapp.db import Connections, ConnectionsDep
+from taskapp.db import OUTCOME_UNKNOWN, Connections, ConnectionsDep, DatabaseUnavailableError
 from taskapp.errors import ForbiddenError, NotFoundError
 from taskapp.notifications.outbox import Outbox
 from taskapp.ratelimit import RateLimitCheck, deferred_check
@@ -135,7 +137,7 @@ class TaskService:
             "description": data.description,
             "status": data.status.value,
         }
-        async with self.connections() as connection:
+        async with self._changing(principal.subject), self.connections() as connection:
             task = await TaskRepository(connection).add(
                 values,
                 alongside=[(notification.insert, notification.parameters)] if notification else (),
@@ -146,7 +148,7 @@ class TaskService:
         return _json(task)
 
     async def update(self, principal: Principal, task_id: uuid.UUID, data: TaskUpdate) -> bytes:
-        async with self.connections() as connection:
+        async with self._changing(_scope(principal)), self.connections() as connection:
             task = await TaskRepository(connection).update(
                 task_id, data.changes(), owner=_scope(principal)
             )
@@ -156,11 +158,26 @@ class TaskService:
         return _json(task)
 
     async def delete(self, principal: Principal, task_id: uuid.UUID) -> None:
-        async with self.connections() as connection:
+        async with self._changing(_scope(principal)), self.connections() as connection:
             owner = await TaskRepository(connection).delete(task_id, owner=_scope(principal))
         if owner is None:
             raise NotFoundError(TASK_NOT_FOUND)
         await self._changed(owner)
+
+    @contextlib.asynccontextmanager
+    async def _changing(self, owner: str | None) -> AsyncIterator[None]:
+        """Around a change's statement: one whose outcome is unknown may have committed, so
+        what it may have changed (`owner`'s tasks; None: anyone's) is invalidated before its
+        503 goes out."""
+        try:
+            yield
+        except DatabaseUnavailableError as exc:
+            if exc.detail == OUTCOME_UNKNOWN:
+                if owner is None:
+                    await self.cache.invalidate_all()
+                else:
+                    await self._changed(owner)
+            raise
 
     async def _changed(self, owner: str) -> None:
         # A committed change to an owner's task shows in their view and in the admin view.
