@@ -276,9 +276,9 @@ async def request_connection(
 ) -> AsyncIterator[AsyncConnection]:
     """A connection to `database` (default: the primary) for `request`, once it has passed
     its gate (`BEFORE_DATABASE_WORK`) and had its turn at the pool; database outages inside
-    the block surface as `DatabaseUnavailableError`. Autocommit (see `autocommit`), and a
-    plain connection: a session's unit of work and transaction bookkeeping cost a statement
-    about 120 µs."""
+    the block surface as `DatabaseUnavailableError`. Autocommit, or one transaction behind
+    PgBouncer (see `request_engine`), and a plain connection: a session's unit of work and
+    transaction bookkeeping cost a statement about 120 µs."""
     gate = getattr(request.state, BEFORE_DATABASE_WORK, None)
     if gate is not None:
         await gate()

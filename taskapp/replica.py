@@ -74,6 +74,11 @@ class ReadReplica:
         self._refused = False
 
     @property
+    def longest_check(self) -> float:
+        """Seconds a check can take: its two steps' timeouts."""
+        return 2 * self._timeout
+
+    @property
     def lag(self) -> float:
         """Seconds since the newest moment the standby is known to have replayed."""
         return time.monotonic() - self._replayed_at
@@ -151,14 +156,17 @@ class ReadReplica:
         self._up = up
         db_replica_up().set(1 if up else 0)
 
-    async def run(self) -> None:
-        while True:
+    async def run(self, stop: asyncio.Event) -> None:
+        """Check every interval until `stop` is set; a check under way is let finish."""
+        while not stop.is_set():
             try:
                 await self.check()
             except Exception:  # a bug must not end the measurements unnoticed
                 logger.exception("read replica check failed; reading from the primary")
                 self._set_up(False)
-            await asyncio.sleep(self._interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await stop.wait()
 
 
 @contextlib.asynccontextmanager
@@ -167,10 +175,16 @@ async def measuring(replica: ReadReplica | None) -> AsyncIterator[None]:
     if replica is None:
         yield
         return
-    task = asyncio.create_task(replica.run())
+    stop = asyncio.Event()
+    task = asyncio.create_task(replica.run(stop))
     try:
         yield
     finally:
-        task.cancel()
+        # Stopped between checks, not cancelled inside one: a query cancelled mid-way costs
+        # the driver a cancel request and a connection, and can hold the shutdown up.
+        stop.set()
+        await asyncio.wait({task}, timeout=replica.longest_check)
+        if not task.done():
+            task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
