@@ -197,7 +197,9 @@ class Instance:
         return [line for line in text.splitlines() if re.search(r"Traceback|CRITICAL", line)]
 
 
-NGINX_CONF = """\
+# nginx with everything it writes under a prefix directory of its own, in the foreground;
+# `http` is the body of its http block.
+_NGINX_MAIN = """\
 worker_processes 1;
 daemon off;
 error_log {dir}/error.log warn;
@@ -210,6 +212,16 @@ http {{
     fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
+{http}}}
+"""
+
+
+def nginx_main(directory: Path, http: str) -> str:
+    """The main configuration of an nginx run in `directory` (`nginx -p directory`)."""
+    return _NGINX_MAIN.format(dir=directory, http=http)
+
+
+NGINX_HTTP = """\
     upstream taskapp {{
 {servers}
     }}
@@ -227,7 +239,6 @@ http {{
             proxy_read_timeout 30s;
         }}
     }}
-}}
 """
 
 
@@ -270,7 +281,9 @@ class Nginx:
         servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=0;" for p in upstreams)
         bind = f"\n            proxy_bind {self.source_address};" if self.source_address else ""
         self.conf.write_text(
-            NGINX_CONF.format(dir=self.directory, servers=servers, port=self.port, bind=bind)
+            nginx_main(
+                self.directory, NGINX_HTTP.format(servers=servers, port=self.port, bind=bind)
+            )
         )
 
     def _workers(self) -> set[int]:

@@ -10,7 +10,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import httpx
 import pytest
 from fastapi import FastAPI
 
@@ -66,7 +65,7 @@ def _reads(server: str) -> float:
     return sample("db_reads_total", server=server)
 
 
-async def _serving(app: FastAPI, client: httpx.AsyncClient) -> None:
+async def _serving(app: FastAPI) -> None:
     """Wait until the replica serves reads of everything written before now."""
     replica: ReadReplica = app.state.replica
     seconds, microseconds = await app.state.redis.time()
@@ -100,7 +99,7 @@ async def test_reads_go_to_the_replica(
         created = await client.post("/tasks", json={"title": "through the api"}, headers=alice)
         assert created.status_code == 201
         await streaming.caught_up()
-        await _serving(app, client)
+        await _serving(app)
         await streaming.pause_replay()
         hidden = await _insert_behind_the_api(streaming, owner, "only on the primary")
         # Written after the standby stopped replaying, and unknown to the API: a read that
@@ -130,8 +129,8 @@ async def test_a_client_reads_its_own_writes_at_once_on_every_instance(
         task = (await one.post("/tasks", json={"title": "v1"}, headers=alice)).json()
         await one.post("/tasks", json={"title": "bob's"}, headers=bob)
         await streaming.caught_up()
-        await _serving(first, one)
-        await _serving(second, two)
+        await _serving(first)
+        await _serving(second)
         for client in (one, two):  # cached on both instances, from the replica
             assert (await client.get("/tasks", headers=alice)).json()["items"][0]["title"] == "v1"
         await streaming.pause_replay()
@@ -178,7 +177,7 @@ async def test_with_the_cache_off_reads_still_see_their_writes(
     async with running(app) as client:
         task = (await client.post("/tasks", json={"title": "v1"}, headers=alice)).json()
         await streaming.caught_up()
-        await _serving(app, client)
+        await _serving(app)
         replica_reads = _reads("replica")
         assert (await client.get(f"/tasks/{task['id']}", headers=alice)).json()["title"] == "v1"
         assert _reads("replica") == replica_reads + 1
@@ -197,7 +196,7 @@ async def test_a_replica_too_far_behind_serves_nothing(
     async with running(app) as client:
         await client.post("/tasks", json={"title": "through the api"}, headers=alice)
         await streaming.caught_up()
-        await _serving(app, client)
+        await _serving(app)
         await streaming.pause_replay()
         await _insert_behind_the_api(streaming, owner, "only on the primary")
         replica: ReadReplica = app.state.replica
@@ -211,7 +210,7 @@ async def test_a_replica_too_far_behind_serves_nothing(
         assert sorted(titles) == ["only on the primary", "through the api"]
 
         await streaming.resume_replay()
-        await _serving(app, client)  # caught up again: back in service
+        await _serving(app)  # caught up again: back in service
 
 
 async def test_the_primary_answers_when_the_replica_is_down(
@@ -298,7 +297,7 @@ async def test_a_busy_replica_leaves_the_read_to_the_primary_and_stays_in_servic
     app = _app(make_settings, streaming, pool_size=1, max_overflow=0, pool_timeout=0.2)
     owner = f"replica-{uuid.uuid4().hex[:8]}"
     async with running(app) as client:
-        await _serving(app, client)
+        await _serving(app)
         replica: ReadReplica = app.state.replica
         await replica.database.gate.acquire()  # the replica's only connection is taken
         try:

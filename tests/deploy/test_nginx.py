@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from reliability.chaos_stack import nginx_main
 from tests.deploy.stack import DEPLOY
 from tests.fixtures.services import free_port
 from tests.fixtures.tools import nginx
@@ -29,23 +30,6 @@ from tests.fixtures.tools import nginx
 CONFIG = DEPLOY / "nginx" / "taskapp.conf"
 UPSTREAM = "server api:8000 resolve max_fails=1 fail_timeout=5s;"
 LISTEN = "listen 80 default_server;"
-
-WRAPPER = """\
-worker_processes 1;
-daemon off;
-error_log {dir}/error.log warn;
-pid {dir}/nginx.pid;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    include {dir}/taskapp.conf;
-}}
-"""
 
 
 @dataclass
@@ -97,7 +81,8 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     text = text.replace(UPSTREAM, f"server 127.0.0.1:{backend.server_address[1]};")
     text = text.replace(LISTEN, f"listen 127.0.0.1:{port};")
     (directory / "taskapp.conf").write_text(text)
-    (directory / "nginx.conf").write_text(WRAPPER.format(dir=directory))
+    main = nginx_main(directory, f"    include {directory}/taskapp.conf;\n")
+    (directory / "nginx.conf").write_text(main)
 
     test = subprocess.run(
         [executable, "-t", "-p", str(directory), "-c", str(directory / "nginx.conf")],
