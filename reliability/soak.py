@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def load(name: str, seconds: float) -> Segment:
             started = time.monotonic() - sampler.origin
-            raw = run_wrk(args, server, "mixed", service.users, seconds, rate=args.rate)
+            raw = run_wrk(args, server.base, "mixed", service.users, seconds, rate=args.rate)
             segment = _segment(name, started, time.monotonic() - sampler.origin, raw)
             segments.append(segment)
             print(

@@ -1,15 +1,15 @@
 -- wrk script for the taskapp benchmark:
---   wrk -tN -cN ... -s taskapp.lua URL -- SCENARIO USERS_FILE SIZE N [RATE]
+--   wrk -tN -cC ... -s taskapp.lua URL -- SCENARIO USERS_FILE N [RATE]
 --
 -- USERS_FILE has one line per user: token <TAB> pages of 10 tasks <TAB> comma-separated task ids.
--- Scenarios: hot (page 1, first user), list (random user, any of their pages, the last
--- included), get, create, patch, mixed (40% list, 40% get, 10% create, 10% patch),
--- ceiling (the fixed body of SIZE bytes, first user), tokens (the ceiling, for each of the
--- thread's users in turn: every token presented once, as a client's first request does).
+-- Scenarios: hot (page 1, first user; also what the independent ceiling is loaded with), list
+-- (random user, any of their pages, the last included), get, create, patch, mixed (40% list,
+-- 40% get, 10% create, 10% patch), tokens (each of the thread's users in turn asks for a page
+-- far past its tasks: every token presented once, as a client's first request does, without
+-- warming any entry the scenarios read).
 --
 -- A user is a client: wrk thread k (of N) sends only users k, k + N, k + 2N, ... over its
--- own connections, so a user's requests stay on one keep-alive connection, hence on one
--- server worker, as a real client's do.
+-- own connections.
 -- RATE (requests per second, all threads together) paces the load: each thread sends its
 -- share on a fixed schedule (open loop while the server keeps up) instead of back to back.
 -- Its requests take the next free slot of that schedule, so a late response is made up by
@@ -22,7 +22,6 @@ local users = {}
 local first_auth
 local next_user = 0
 local scenario
-local ceiling_path
 local counter = 0
 local statuses = { "pending", "in_progress", "completed" }
 
@@ -84,8 +83,7 @@ end
 
 function init(args)
   scenario = args[1]
-  ceiling_path = "/bench/ceiling?size=" .. (args[3] or "64")
-  local nthreads = tonumber(args[4] or "1")
+  local nthreads = tonumber(args[3] or "1")
   local index = 0
   for line in io.lines(args[2]) do
     local fields = split(line, "\t")
@@ -100,7 +98,7 @@ function init(args)
     index = index + 1
   end
   math.randomseed(os.time() * 100 + (tid or 0))
-  local rate = tonumber(args[5] or "")
+  local rate = tonumber(args[4] or "")
   if rate and rate > 0 then
     -- wrk looks for a global delay() after init(), so only a paced run defines one.
     delay = pace(1e6 * nthreads / rate)
@@ -131,11 +129,9 @@ end
 function request()
   if scenario == "hot" then
     return wrk.format("GET", "/tasks?page=1&page_size=10", { Authorization = first_auth })
-  elseif scenario == "ceiling" then
-    return wrk.format("GET", ceiling_path, { Authorization = first_auth })
   elseif scenario == "tokens" then
     next_user = next_user % #users + 1
-    return wrk.format("GET", ceiling_path, { Authorization = users[next_user].auth })
+    return wrk.format("GET", "/tasks?page=1000000&page_size=1", { Authorization = users[next_user].auth })
   end
   local user = users[math.random(#users)]
   if scenario == "list" then
