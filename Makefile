@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench chaos fuzz soak lint audit format clean
+.PHONY: install run test test-fast bench chaos fuzz soak lint audit format clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ run: install
 ## The full test suite against real PostgreSQL and Redis (local ones if they answer, else embedded).
 test: install
 	$(BIN)/pytest
+
+## The edit loop: everything but the `slow` tests (several processes, faults, long runs).
+test-fast: install
+	$(BIN)/pytest -m "not slow"
 
 ## Load benchmark (needs wrk): seeds 1M tasks, serves them as production does, prints the table.
 ## BENCH_ARGS="--quick" for a smoke run; `.venv/bin/python -m bench --help` lists the options.
@@ -49,8 +53,8 @@ soak: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy taskapp tests bench reliability
-	$(BIN)/bandit --quiet --configfile pyproject.toml --recursive taskapp bench reliability
+	$(BIN)/mypy taskapp testing tests bench reliability
+	$(BIN)/bandit --quiet --configfile pyproject.toml --recursive taskapp testing bench reliability
 
 ## Known vulnerabilities in the pinned dependencies (needs the PyPI JSON API or OSV; fails
 ## on any dependency it could not check).
@@ -63,4 +67,4 @@ format: install
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-ceiling .pytest_cache .mypy_cache .ruff_cache

@@ -1,1 +1,1 @@
-"""The load benchmark: `make bench` (see README, "Performance")."""
+"""`make bench`: the load benchmark, against an independent ceiling (docs/performance.md)."""

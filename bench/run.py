@@ -43,11 +43,11 @@ import redis
 
 from bench.plans import Plan, explain_scenarios
 from bench.seed import Dataset, seed
-from taskapp.db import upgrade_database
-from tests.fixtures.oidc import AUDIENCE, OIDCProvider, serve_provider
-from tests.fixtures.pgbouncer import PGBOUNCER, pgbouncer
-from tests.fixtures.services import free_port, postgres_server, redis_server, scratch_database
-from tests.fixtures.standby import streaming_pair
+from taskapp.database.migrations import upgrade_database
+from testing.oidc import AUDIENCE, OIDCProvider, serve_provider
+from testing.pgbouncer import PGBOUNCER, pgbouncer
+from testing.services import free_port, postgres_server, redis_server, scratch_database
+from testing.standby import streaming_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA = ROOT / "bench" / "wrk" / "taskapp.lua"

@@ -12,8 +12,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from taskapp.config import DatabaseSettings
-from taskapp.db import Base
-from taskapp.notifications import models as notification_models  # noqa: F401 - registers the table
+from taskapp.database.base import Base
+from taskapp.events import models as event_models  # noqa: F401 - registers the tables
 from taskapp.tasks import models as task_models
 
 config = context.config
@@ -52,7 +52,7 @@ def _database_url() -> str:
 
 
 async def _run_async() -> None:
-    # Behind PgBouncer (transaction mode) no named statements: see taskapp.db.create_engine.
+    # Behind PgBouncer (transaction mode) no named statements: see taskapp.database.engine.
     unnamed = {"statement_cache_size": 0, "prepared_statement_cache_size": 0}
     engine = create_async_engine(
         _database_url(),

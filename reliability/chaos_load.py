@@ -21,7 +21,7 @@ class Answer:
     elapsed: float
     status: int | None  # None: no HTTP answer (see `error`)
     error: str | None = None
-    detail: str | None = None  # the `detail` of a 4xx/5xx
+    code: str | None = None  # the `code` of a 4xx/5xx
     title: str | None = None  # of the task a POST would create
 
 
@@ -106,8 +106,8 @@ class Load:
             body = response.json()
         except ValueError:
             body = None
-        detail = body.get("detail") if isinstance(body, dict) and response.is_error else None
-        answer = Answer(method, started, elapsed, response.status_code, None, detail, title)
+        code = body.get("code") if isinstance(body, dict) and response.is_error else None
+        answer = Answer(method, started, elapsed, response.status_code, None, code, title)
         self.answers.append(answer)
         if response.status_code >= 500:
             await asyncio.sleep(0.05)  # as a client honouring Retry-After would, briefly

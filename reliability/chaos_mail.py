@@ -22,8 +22,9 @@ from reliability.chaos_scenarios import (
     under_load,
 )
 from reliability.chaos_stack import Instance, Stack
-from tests.fixtures.services import PrivateRedis
-from tests.notifications.harness import MailServer, Worker
+from testing.mail import MailServer
+from testing.processes import Worker
+from testing.services import PrivateRedis
 
 # Short delays, so a run settles in seconds: retries back off from 0.5 s to at most 2 s,
 # and beat re-enqueues rows still pending 1 s after they were due, every second.
@@ -40,14 +41,14 @@ SETTLE = 300
 
 
 async def _notifications(stack: Stack, prefix: str) -> dict[str, tuple[str, str, int]]:
-    """task id -> (notification id, status, attempts) for the tasks whose title starts with
-    `prefix`."""
+    """task id -> (event id, status, attempts) of the e-mail deliveries of the tasks whose
+    title starts with `prefix`."""
     connection = await asyncpg.connect(stack.postgres.dsn)
     try:
         rows = await connection.fetch(
-            "SELECT n.task_id::text AS task, n.id::text AS id, n.status, n.attempts"
-            " FROM notifications n"
-            " JOIN tasks t ON t.id = n.task_id WHERE t.title LIKE $1",
+            "SELECT e.aggregate_id::text AS task, e.id::text AS id, d.status, d.attempts"
+            " FROM events e JOIN deliveries d ON d.event_id = e.id AND d.consumer = 'email'"
+            " JOIN tasks t ON t.id = e.aggregate_id WHERE t.title LIKE $1",
             prefix + "%",
         )
     finally:

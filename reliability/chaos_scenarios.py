@@ -17,9 +17,12 @@ import httpx
 
 from reliability.chaos_load import Answer, Load, Tally
 from reliability.chaos_stack import Instance, Nginx, Stack
-from taskapp.db import BUSY, OUTCOME_UNKNOWN
+from taskapp.database.outages import DatabaseBusyError, DatabaseUnavailableError
+from taskapp.database.outages import OutcomeUnknownError as OutcomeUnknown
+from taskapp.ratelimit.check import RateLimiterUnavailableError
 
-UNAVAILABLE = "Database unavailable"
+# What the database's 503s may say: down, busy, or a change whose outcome is unknown.
+DATABASE_OUTAGES = {DatabaseUnavailableError.code, DatabaseBusyError.code, OutcomeUnknown.code}
 
 
 @dataclass(frozen=True)
@@ -77,12 +80,14 @@ async def make_report(name: str, stack: Stack, load: Load, checks: list[Check]) 
     failed = {a.title: a for a in load.answers if a.title is not None and a.status != 201}
     stored_anyway = [failed[title] for title in stored.values() if title in failed]
     # Stored, yet answered as if certainly not: only "may or may not" (or no answer) is true.
-    misleading = [a for a in stored_anyway if a.status is not None and a.detail != OUTCOME_UNKNOWN]
+    misleading = [
+        a for a in stored_anyway if a.status is not None and a.code != OutcomeUnknown.code
+    ]
     checks = [
         *checks,
         Check(
             "creates stored though answered with an error said so",
-            ", ".join(sorted({f"{a.status} {a.detail}" for a in misleading})[:2]) or "yes",
+            ", ".join(sorted({f"{a.status} {a.code}" for a in misleading})[:2]) or "yes",
             not misleading,
         ),
     ]
@@ -102,13 +107,13 @@ def _no_transport_errors(answers: list[Answer]) -> Check:
     return Check("no request without an HTTP answer", str(len(errors)), not errors)
 
 
-def _only_503(answers: list[Answer], details: set[str], what: str) -> Check:
+def _only_503(answers: list[Answer], codes: set[str], what: str) -> Check:
     other = [
         a
         for a in answers
-        if a.status is not None and a.status >= 500 and (a.status != 503 or a.detail not in details)
+        if a.status is not None and a.status >= 500 and (a.status != 503 or a.code not in codes)
     ]
-    shown = ", ".join(sorted({f"{a.status} {a.detail}" for a in other})[:3])
+    shown = ", ".join(sorted({f"{a.status} {a.code}" for a in other})[:3])
     return Check(f"5xx: only 503 {what}", shown or "yes", not other)
 
 
@@ -182,7 +187,7 @@ async def postgres_outage(stack: Stack, options: Options, *, frozen: bool = Fals
     after = [a for a in load.answers if a.started >= window[1] + (recovery[0] or 0)]
     checks = [
         Check("503s while PostgreSQL was down", str(len(unavailable)), bool(unavailable)),
-        _only_503(load.answers, {UNAVAILABLE, BUSY, OUTCOME_UNKNOWN}, "from the database"),
+        _only_503(load.answers, DATABASE_OUTAGES, "from the database"),
         Check(
             f"longest 503 ≤ {limits} timeouts ({bound:.0f} s)",
             f"{longest:.2f} s",
@@ -265,7 +270,11 @@ async def redis_outage(stack: Stack, options: Options, *, fail_closed: bool = Fa
     ]
     if fail_closed:
         checks += [
-            _only_503(load.answers, {"Rate limiter unavailable"}, "'Rate limiter unavailable'"),
+            _only_503(
+                load.answers,
+                {RateLimiterUnavailableError.code},
+                f"'{RateLimiterUnavailableError.code}'",
+            ),
             Check(
                 "requests during the outage refused (fail closed)",
                 f"{len(served)} 2xx of {len(during)}",

@@ -21,11 +21,11 @@ from pathlib import Path
 import asyncpg
 import httpx
 
-from taskapp.db import upgrade_database
-from taskapp.embedded import embedded_postgres
-from tests.fixtures.oidc import OIDCProvider, serve_provider
-from tests.fixtures.processes import clean_env, start, wait_healthy
-from tests.fixtures.services import (
+from taskapp.cli.embedded import embedded_postgres
+from taskapp.database.migrations import upgrade_database
+from testing.oidc import OIDCProvider, serve_provider
+from testing.processes import clean_env, start, wait_healthy
+from testing.services import (
     PrivateRedis,
     free_port,
     private_redis,

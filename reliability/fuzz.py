@@ -15,7 +15,7 @@ Every response must pass Schemathesis's checks: no server error, a status the op
 documents, a body matching the documented schema, the documented content type, and no
 400/422 for input the schema calls valid. Prints the cases per operation and token, the
 statuses seen and every failure; exits 1 on any failure.
-`tests/test_fuzz.py` runs the same code in-process against the ASGI app, with fewer cases.
+`tests/reliability/test_fuzz.py` runs the same code in-process against the ASGI app, with fewer cases.
 """
 
 from __future__ import annotations
@@ -423,8 +423,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def _server(env: dict[str, str], workers: int, work: Path) -> Iterator[str]:
-    from tests.fixtures.processes import running_server
-    from tests.fixtures.services import free_port
+    from testing.processes import running_server
+    from testing.services import free_port
 
     port = free_port()
     args = ["serve", "--host", "127.0.0.1", "--workers", str(workers)]
@@ -435,9 +435,9 @@ def _server(env: dict[str, str], workers: int, work: Path) -> Iterator[str]:
 def main(argv: list[str] | None = None) -> int:
     from bench.run import _forget_keys, _services
     from taskapp.config import Settings
-    from taskapp.db import upgrade_database
-    from tests.fixtures.oidc import serve_provider
-    from tests.fixtures.processes import clean_env
+    from taskapp.database.migrations import upgrade_database
+    from testing.oidc import serve_provider
+    from testing.processes import clean_env
 
     args = _arguments(argv)
     work = Path(tempfile.mkdtemp(prefix="taskapp-fuzz-"))

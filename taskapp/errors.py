@@ -1,115 +1,239 @@
-"""One error shape for the whole API: `{"detail": ...}`, and the handlers that produce it."""
+"""One error shape for the whole API, `{"detail": ..., "code": ...}`, and what produces it.
+
+`detail` is human text and never changes for a given failure (the task 404 is exactly `Task
+not found`); `code` is a stable identifier that clients match on. Every expected failure is
+an `AppError` subclass naming its status and code; the subclasses register themselves, so
+the OpenAPI document and `docs/errors.md` list every code there is. Validation errors keep
+FastAPI's list of `{loc, msg, type}` as their `detail`.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
 
-from fastapi import FastAPI, Request, status
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
-
-from taskapp.auth.errors import InvalidTokenError, ProviderUnavailableError
-from taskapp.db import DatabaseUnavailableError
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
 
 
 class AppError(Exception):
-    """An expected failure with an HTTP status; raised by services, rendered by the app."""
+    """An expected failure: raised below the routes, answered as `{"detail", "code"}`."""
 
-    status_code = status.HTTP_500_INTERNAL_SERVER_ERROR
+    status_code: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    # When it happens, in a few words: the OpenAPI document and docs/errors.md show it.
+    summary: ClassVar[str] = "Unexpected error; the X-Request-ID header identifies it in the logs"
+    # The `detail` of an error raised without one.
+    default_detail: ClassVar[str] = "Internal Server Error"
 
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
+    # Every code there is, by code: filled in as subclasses are defined.
+    registry: ClassVar[dict[str, type[AppError]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" in cls.__dict__:
+            known = AppError.registry.setdefault(cls.code, cls)
+            if known is not cls:
+                raise TypeError(f"error code {cls.code!r} is taken by {known.__qualname__}")
+
+    def __init__(self, detail: str | None = None, *, headers: Mapping[str, str] | None = None):
+        self.detail = detail if detail is not None else self.default_detail
+        super().__init__(self.detail)
+        self.headers = dict(headers or {})
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status_code, self.detail, self.code, self.headers)
 
 
-class NotFoundError(AppError):
-    status_code = status.HTTP_404_NOT_FOUND
+AppError.registry[AppError.code] = AppError
+
+
+class BadRequestError(AppError):
+    status_code = 400
+    code = "malformed_body"
+    summary = "The body could not be read as JSON text"
+    default_detail = "There was an error parsing the body"
 
 
 class ForbiddenError(AppError):
-    status_code = status.HTTP_403_FORBIDDEN
+    status_code = 403
+    code = "forbidden"
+    summary = "The caller may see this, but not do it (a role or a rule forbids it)"
+    default_detail = "Insufficient role for this operation"
+
+
+class NotFoundError(AppError):
+    status_code = 404
+    code = "not_found"
+    summary = "No such path"
+    default_detail = "Not Found"
+
+
+class MethodNotAllowedError(AppError):
+    status_code = 405
+    code = "method_not_allowed"
+    summary = "The path does not answer this method"
+    default_detail = "Method Not Allowed"
+
+
+class BodyTooLargeError(AppError):
+    status_code = 413
+    code = "body_too_large"
+    summary = "The request body is larger than the configured limit"
+    default_detail = "Request body too large"
+
+
+class HeadTooLargeError(AppError):
+    """Answered by `taskapp serve` itself (taskapp.http.server), before any route sees the
+    request; the connection is closed after it."""
+
+    status_code = 431
+    code = "headers_too_large"
+    summary = "The request line and headers exceed 64 KiB (taskapp serve); the connection closes"
+    default_detail = "Request header fields too large"
+
+
+class ServiceUnavailableError(AppError):
+    """A backing service cannot serve the request now; retried after `Retry-After`."""
+
+    status_code = 503
+    retry_after = 1
+
+    def __init__(self, detail: str | None = None, *, headers: Mapping[str, str] | None = None):
+        super().__init__(detail, headers={"Retry-After": str(self.retry_after), **(headers or {})})
+
+
+class ValidationFailed:
+    """Stands for FastAPI's RequestValidationError in the list of codes."""
+
+    status_code = 422
+    code = "validation_failed"
+    summary = "The input broke a rule: `detail` lists each problem as {loc, msg, type}"
+
+
+# -- the bodies ---------------------------------------------------------------------------
+
+
+def error_response(
+    status_code: int, detail: Any, code: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"detail": detail, "code": code}, status_code=status_code, headers=headers)
+
+
+def error_body(detail: str, code: str) -> bytes:
+    """The bytes of an error body, for answers made outside FastAPI (the server, the worker's
+    metrics listener)."""
+    return json.dumps({"detail": detail, "code": code}, separators=(",", ":")).encode()
 
 
 class ErrorResponse(BaseModel):
-    """The body of every error response except validation errors."""
+    """The body of every error response but a validation error."""
 
-    detail: str
-
-
-def _header(description: str) -> dict[str, Any]:
-    return {"description": description, "schema": {"type": "string"}}
+    detail: str = Field(description="What went wrong, in words; fixed for each failure")
+    code: str = Field(description="A stable identifier of the failure, to match on")
 
 
-_RESPONSES: dict[int, dict[str, Any]] = {
-    400: {"description": "The body could not be read as JSON text"},
-    401: {
-        "description": "Missing, malformed, expired or otherwise invalid bearer token",
-        "headers": {"WWW-Authenticate": _header('Bearer challenge, e.g. error="invalid_token"')},
-    },
-    403: {"description": "The token lacks a role this operation needs"},
-    404: {"description": "Not found, or not visible to the caller"},
-    413: {"description": "The request body is larger than the configured limit"},
-    429: {
-        "description": "Too many requests from this caller; retry after Retry-After seconds",
-        "headers": {
-            "Retry-After": _header("Seconds until a request will be accepted"),
-            "RateLimit-Limit": _header("Requests allowed per window"),
-            "RateLimit-Remaining": _header("Requests left in the current window"),
-            "RateLimit-Reset": _header("Seconds until the full quota is available again"),
-        },
-    },
-    500: {"description": "Unexpected error; the X-Request-ID header identifies it in the logs"},
-    503: {
-        "description": "A backing service (database, identity provider) is unavailable",
-        "headers": {"Retry-After": _header("Seconds to wait before retrying")},
-    },
+class ValidationProblem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorResponse(BaseModel):
+    """The body of a 422: each problem with the input."""
+
+    detail: list[ValidationProblem]
+    code: str = Field(ValidationFailed.code, description="Always `validation_failed`")
+
+
+# -- the OpenAPI document -------------------------------------------------------------------
+
+_HEADER_TYPES: dict[str, dict[str, Any]] = {
+    "WWW-Authenticate": {"description": 'Bearer challenge, e.g. error="invalid_token"'},
+    "Retry-After": {"description": "Seconds to wait before retrying"},
+    "RateLimit-Limit": {"description": "Requests allowed per window"},
+    "RateLimit-Remaining": {"description": "Requests left in the current window"},
+    "RateLimit-Reset": {"description": "Seconds until the full quota is available again"},
+}
+_HEADERS_BY_STATUS = {
+    401: ["WWW-Authenticate"],
+    429: ["Retry-After", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"],
+    503: ["Retry-After"],
 }
 
+ErrorKind = type[AppError] | type[ValidationFailed]
 
-# Not from the app: `taskapp serve` (taskapp.serving) answers a request whose head is over
-# its limit before any route sees it, in plain text, and closes the connection.
-HEAD_TOO_LARGE: dict[int | str, dict[str, Any]] = {
-    431: {
-        "description": "The request line and headers exceed 64 KiB (taskapp serve); "
-        "the connection is closed",
-        "content": {"text/plain": {"schema": {"type": "string"}}},
-    }
+
+def error_responses(*errors: ErrorKind) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for `errors`: one per status, naming each of its codes
+    with an example body."""
+    by_status: dict[int, list[ErrorKind]] = {}
+    for error in errors:
+        by_status.setdefault(error.status_code, []).append(error)
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status_code, kinds in sorted(by_status.items()):
+        entry: dict[str, Any] = {
+            "description": "; ".join(f"`{kind.code}`: {kind.summary}" for kind in kinds),
+            "model": ValidationErrorResponse if status_code == 422 else ErrorResponse,
+        }
+        examples = {
+            kind.code: {"summary": kind.summary, "value": _example(kind)}
+            for kind in kinds
+            if issubclass(kind, AppError)
+        }
+        if examples:
+            entry["content"] = {"application/json": {"examples": examples}}
+        if headers := _HEADERS_BY_STATUS.get(status_code):
+            entry["headers"] = {name: {**_HEADER_TYPES[name], "schema": {"type": "string"}}
+                                for name in headers}  # fmt: skip
+        responses[status_code] = entry
+    return responses
+
+
+def _example(kind: type[AppError]) -> dict[str, str]:
+    return {"detail": kind.default_detail, "code": kind.code}
+
+
+def every_code() -> list[ErrorKind]:
+    """Every error the API can answer with, by status."""
+    kinds: list[ErrorKind] = [*AppError.registry.values(), ValidationFailed]
+    return sorted(kinds, key=lambda kind: (kind.status_code, kind.code))
+
+
+def describe_codes(kinds: Iterable[ErrorKind]) -> str:
+    """A Markdown table of `kinds`: status, code, when."""
+    rows = [f"| {kind.status_code} | `{kind.code}` | {kind.summary} |" for kind in kinds]
+    return "\n".join(["| status | code | when |", "|---|---|---|", *rows])
+
+
+# -- the handlers ---------------------------------------------------------------------------
+
+# Starlette's own errors (an unknown path or method, a body FastAPI could not parse, a body
+# over the limit while it streams in), by status.
+_HTTP_ERRORS: dict[int, type[AppError]] = {
+    error.status_code: error
+    for error in (BadRequestError, NotFoundError, MethodNotAllowedError, BodyTooLargeError)
 }
-
-
-def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` entries for the given error statuses."""
-    return {code: {"model": ErrorResponse, **_RESPONSES[code]} for code in codes}
-
-
-def _error(status_code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status_code, headers=headers)
 
 
 async def _app_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AppError)
-    return _error(exc.status_code, exc.detail)
+    if exc.status_code >= 500:
+        logger.warning("%s: %s (%r)", exc.code, exc.detail, exc.__cause__)
+    return exc.response()
 
 
-async def _invalid_token(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, InvalidTokenError)
-    challenge = "Bearer" if exc.missing else 'Bearer error="invalid_token"'
-    return _error(401, exc.detail, {"WWW-Authenticate": challenge})
-
-
-async def _provider_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    logger.warning("identity provider unavailable: %s", exc)
-    return _error(503, "Identity provider unavailable", {"Retry-After": "5"})
-
-
-async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, DatabaseUnavailableError)
-    logger.warning("database unavailable: %s (%r)", exc.detail, exc.__cause__)
-    return _error(503, exc.detail, {"Retry-After": "1"})
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    kind = _HTTP_ERRORS.get(exc.status_code, AppError)
+    return error_response(exc.status_code, exc.detail, kind.code, exc.headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -119,12 +243,10 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         {"loc": list(error["loc"]), "msg": str(error["msg"]), "type": error["type"]}
         for error in exc.errors()
     ]
-    return JSONResponse({"detail": errors}, status_code=422)
+    return error_response(422, errors, ValidationFailed.code)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error)
-    app.add_exception_handler(InvalidTokenError, _invalid_token)
-    app.add_exception_handler(ProviderUnavailableError, _provider_unavailable)
-    app.add_exception_handler(DatabaseUnavailableError, _database_unavailable)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -12,9 +12,9 @@ import httpx
 import pytest
 
 from taskapp.config import Settings
-from taskapp.observability.requestid import current_request_id
+from taskapp.http.requestid import current_request_id
+from testing.oidc import OIDCProvider
 from tests.conftest import running
-from tests.fixtures.oidc import OIDCProvider
 
 TASK_OPERATIONS = [
     ("post", "/tasks"),
@@ -258,7 +258,7 @@ async def test_unexpected_error_is_a_bare_500_that_keeps_the_request_id(
         logging.getLogger().removeHandler(records)
     assert seen["request_id"] == "boom-1"
     assert response.status_code == 500
-    assert response.json() == {"detail": "Internal Server Error"}
+    assert response.json() == {"detail": "Internal Server Error", "code": "internal_error"}
     assert "hunter2" not in response.text
     assert response.headers.get("x-request-id") == "boom-1"
     logged = [record.getMessage() for record in records.records if record.levelno >= logging.ERROR]

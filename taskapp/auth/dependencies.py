@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from taskapp.auth.errors import InvalidTokenError, ProviderUnavailableError
+from taskapp.auth.middleware import authentication
 from taskapp.auth.principal import Principal, Role
-from taskapp.auth.tokens import TokenVerifier
 from taskapp.errors import ForbiddenError
-
-AuthError = InvalidTokenError | ProviderUnavailableError
 
 bearer_scheme = HTTPBearer(
     auto_error=False,
@@ -22,46 +19,22 @@ bearer_scheme = HTTPBearer(
 )
 
 
-# Where the rate limiter leaves the verification result for the route's dependency.
-AUTH_STATE = "auth_result"
-
-
-async def authenticate(app: Any, authorization: str | None) -> Principal | AuthError:
-    """Verify an Authorization header value: the caller, or the error to answer with."""
-    try:
-        return await _verify(app, authorization)
-    except (InvalidTokenError, ProviderUnavailableError) as exc:
-        return exc
-
-
-async def _verify(app: Any, authorization: str | None) -> Principal:
-    scheme, _, token = (authorization or "").strip().partition(" ")
-    if scheme.lower() != "bearer":
-        # RFC 6750: a request with no bearer credentials gets a challenge without an error.
-        raise InvalidTokenError("Not authenticated", missing=True)
-    if not token.strip():
-        raise InvalidTokenError("Malformed token")
-    verifier: TokenVerifier = app.state.token_verifier
-    return await verifier.verify(token.strip())
-
-
 async def get_principal(
     request: Request,
-    # Declared for the OpenAPI security scheme; the header is parsed by `authenticate`.
+    # Declared for the OpenAPI security scheme; the token was verified by the
+    # authentication layer (taskapp.auth.middleware).
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
 ) -> Principal:
     """The caller behind the request's bearer token; 401 when there is none or it is bad."""
-    return await request_principal(request)
+    return request_principal(request)
 
 
-async def request_principal(request: Request) -> Principal:
-    """The caller, as verified by the rate limiter for this request or verified now."""
-    result = getattr(request.state, AUTH_STATE, None)
-    if result is None:
-        result = await authenticate(request.app, request.headers.get("authorization"))
-    if not isinstance(result, Principal):
-        raise result
-    return result
+def request_principal(request: Request) -> Principal:
+    """The caller, as the authentication layer verified them; raises its error otherwise."""
+    outcome = authentication(request.scope)
+    if not isinstance(outcome, Principal):
+        raise outcome
+    return outcome
 
 
 def ensure_role(principal: Principal, allowed: frozenset[str]) -> Principal:

@@ -1,15 +1,45 @@
-"""Authentication failures, mapped to HTTP by the app's exception handlers."""
+"""Authentication failures: 401 with a Bearer challenge, or 503 when the provider's keys
+cannot be had."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+from taskapp.errors import AppError, ServiceUnavailableError
 
 
-class InvalidTokenError(Exception):
-    """The bearer token is missing, malformed, or fails verification (401)."""
+class InvalidTokenError(AppError):
+    """The bearer token is malformed, or fails verification."""
 
-    def __init__(self, detail: str, *, missing: bool = False) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        # RFC 6750: a request with no credentials gets a challenge without an error code.
-        self.missing = missing
+    status_code = 401
+    code = "token_invalid"
+    summary = "The bearer token is malformed, or fails verification (`detail` says why)"
+    default_detail = "Invalid token"
+    # RFC 6750: the challenge names the error, but for a request that sent no credentials.
+    challenge: ClassVar[str] = 'Bearer error="invalid_token"'
+
+    def __init__(self, detail: str | None = None, *, headers: Mapping[str, str] | None = None):
+        super().__init__(detail, headers={"WWW-Authenticate": self.challenge, **(headers or {})})
 
 
-class ProviderUnavailableError(Exception):
-    """The identity provider's keys cannot be fetched and none are cached (503)."""
+class NotAuthenticatedError(InvalidTokenError):
+    code = "not_authenticated"
+    summary = "No bearer token was sent"
+    default_detail = "Not authenticated"
+    challenge = "Bearer"
+
+
+class TokenExpiredError(InvalidTokenError):
+    code = "token_expired"
+    summary = "The bearer token has expired: get a new one"
+    default_detail = "Token expired"
+
+
+class ProviderUnavailableError(ServiceUnavailableError):
+    """The identity provider's keys cannot be fetched and none are cached."""
+
+    code = "identity_provider_unavailable"
+    summary = "The identity provider's keys cannot be fetched"
+    default_detail = "Identity provider unavailable"
+    retry_after = 5

@@ -149,7 +149,7 @@ class OIDCKeySource:
                 key = select_key(self._keys, kid, algorithm)
         if key is None:
             if not self._keys:
-                raise ProviderUnavailableError("Identity provider keys are unavailable")
+                raise ProviderUnavailableError()
             raise InvalidTokenError("Unknown signing key")
         return key
 

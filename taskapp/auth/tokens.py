@@ -11,7 +11,7 @@ from typing import Any, NamedTuple, TypeGuard
 
 import jwt
 
-from taskapp.auth.errors import InvalidTokenError
+from taskapp.auth.errors import InvalidTokenError, TokenExpiredError
 from taskapp.auth.jwks import KEY_TYPE_FOR_ALGORITHM, KeySource, SigningKey
 from taskapp.auth.principal import Principal
 
@@ -110,7 +110,7 @@ class TokenVerifier:
                 options={"require": ["exp", "iat", "iss", "sub"], "verify_aud": False},
             )
         except jwt.ExpiredSignatureError as exc:
-            raise InvalidTokenError("Token expired") from exc
+            raise TokenExpiredError() from exc
         except jwt.ImmatureSignatureError as exc:
             raise InvalidTokenError("Token not yet valid") from exc
         except jwt.InvalidIssuerError as exc:

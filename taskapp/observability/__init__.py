@@ -1,1 +1,1 @@
-"""Request ids, logging and health endpoints."""
+"""Metrics (multiprocess-safe), logging, and the database's instrumentation and probe."""

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from taskapp.auth.dependencies import AUTH_STATE
-from taskapp.auth.principal import Principal
+from taskapp.auth.middleware import principal_of
 from taskapp.observability.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
 
 access_log = logging.getLogger("taskapp.access")
@@ -60,6 +58,5 @@ class HTTPMetricsMiddleware:
 
 
 def _subject(scope: Scope) -> str | None:
-    state: dict[str, Any] = scope.get("state") or {}
-    result = state.get(AUTH_STATE)
-    return result.subject if isinstance(result, Principal) else None
+    principal = principal_of(scope)
+    return principal.subject if principal is not None else None

@@ -9,7 +9,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from taskapp.observability.requestid import current_request_id
+from taskapp.http.requestid import current_request_id
 
 # Fields an access log record may carry (see observability/http.py).
 ACCESS_FIELDS = ("method", "route", "path", "status", "duration_ms", "subject")

@@ -8,7 +8,6 @@ of TASKAPP_METRICS_TOKEN, checked as the API's /metrics checks it, and one path.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -20,6 +19,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
 from pydantic import SecretStr
 
+from taskapp.auth.errors import NotAuthenticatedError
+from taskapp.errors import MethodNotAllowedError, NotFoundError, error_body
 from taskapp.observability.scrape import is_scrape_token
 
 if TYPE_CHECKING:
@@ -45,12 +46,14 @@ def metrics_app(
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
         if environ.get("PATH_INFO") != PATH:
-            return _error(start_response, "404 Not Found", f"Not found; metrics are at {PATH}")
+            detail = f"Not found; metrics are at {PATH}"
+            return _error(start_response, "404 Not Found", detail, NotFoundError.code)
         if method not in ("GET", "HEAD"):
             return _error(
                 start_response,
                 "405 Method Not Allowed",
                 "Method not allowed",
+                MethodNotAllowedError.code,
                 ("Allow", "GET, HEAD"),
             )
         if token is not None and not is_scrape_token(environ.get("HTTP_AUTHORIZATION", ""), token):
@@ -58,7 +61,8 @@ def metrics_app(
             return _error(
                 start_response,
                 "401 Unauthorized",
-                "Not authenticated",
+                NotAuthenticatedError.default_detail,
+                NotAuthenticatedError.code,
                 ("WWW-Authenticate", "Bearer"),
             )
         encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
@@ -72,10 +76,10 @@ def metrics_app(
 
 
 def _error(
-    start_response: StartResponse, status: str, detail: str, *headers: tuple[str, str]
+    start_response: StartResponse, status: str, detail: str, code: str, *headers: tuple[str, str]
 ) -> list[bytes]:
-    """The service's one error shape, {"detail": ...}."""
-    body = json.dumps({"detail": detail}).encode()
+    """The service's one error shape, {"detail": ..., "code": ...}."""
+    body = error_body(detail, code)
     start_response(
         status,
         [

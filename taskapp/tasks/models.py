@@ -9,7 +9,7 @@ from enum import StrEnum
 from sqlalchemy import CheckConstraint, DateTime, Index, String, Text, Uuid, func, text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from taskapp.db import Base
+from taskapp.database.base import Base
 
 PARTITION_COUNT = 8
 PARTITION_NAME = "tasks_p{}"

@@ -1,9 +1,8 @@
-"""Every query on `tasks`, each one statement on the request's autocommit connection.
+"""Every statement on `tasks`: on a read's connection, or in a change's unit of work.
 
-Queries are Core statements, built once with bound parameters, returning plain
-rows: they feed JSON straight away, and skipping ORM compilation, the unit of work and
-object loading makes a read about 130 µs cheaper (measured: ORM ~470 µs, Core ~340 µs per
-single-row read).
+Statements are Core constructs, built once with bound parameters, returning plain rows: they
+feed JSON straight away, and skip the ORM's compilation and object loading (a read costs
+markedly less; see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -30,9 +29,9 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import ReturningDelete
 
+from taskapp.database.unit_of_work import Executor
 from taskapp.tasks.models import Task
 
 TaskRow = RowMapping
@@ -81,8 +80,8 @@ def _list_statement(*, owner: bool, status: bool) -> Select[Any]:
     # sort keys), and only the page's own rows are read from the table. Skipping rows of a
     # plain `SELECT * ... OFFSET n` fetches every skipped row, so deep pages cost far more.
     # Across all owners the page bounds are written into the SQL: the engine runs generic
-    # plans, and one made without knowing LIMIT reads the whole table into a hash join
-    # (measured: 500 ms at 1M rows). Within one owner the generic plan is the right one.
+    # plans, and one made without knowing LIMIT reads the whole table into a hash join.
+    # Within one owner the generic plan is the right one.
     literal = not owner
     keys = (
         select(_TASKS.c.owner, _TASKS.c.id)
@@ -109,20 +108,15 @@ def _list_statement(*, owner: bool, status: bool) -> Select[Any]:
 # Writes are built once too, per set of columns; the values a write sets are bound under
 # this prefix.
 _NEW = "new_"
-# A statement that runs inside a task's INSERT, and the values bound to its parameters.
-Alongside = tuple[Insert, Mapping[str, Any]]
 
 
 @lru_cache(maxsize=64)
-def _insert_statement(columns: frozenset[str], alongside: tuple[Insert, ...]) -> Insert:
-    statement = (
+def _insert_statement(columns: frozenset[str]) -> Insert:
+    return (
         insert(_TASKS)
         .values({name: bindparam(f"{_NEW}{name}") for name in sorted(columns)})
         .returning(_TASKS)
     )
-    for number, other in enumerate(alongside):
-        statement = statement.add_cte(other.cte(f"alongside_{number}"))
-    return statement
 
 
 @lru_cache(maxsize=64)
@@ -142,23 +136,15 @@ def _delete_statement(*, owner: bool) -> ReturningDelete[Any]:
 
 
 class TaskRepository:
-    """On a request's connection: each method is one statement."""
+    """On a read's connection or a change's unit of work: each method is one statement."""
 
-    def __init__(self, connection: AsyncConnection) -> None:
+    def __init__(self, connection: Executor) -> None:
         self.connection = connection
 
-    async def add(
-        self, values: Mapping[str, Any], *, alongside: Sequence[Alongside] = ()
-    ) -> TaskRow:
-        """Insert a task; the stored row, server defaults (timestamps) included.
-
-        `alongside`: inserts run by the same statement (as CTEs), so they commit or fail
-        together with the task, with no transaction around them.
-        """
-        statement = _insert_statement(frozenset(values), tuple(other for other, _ in alongside))
+    async def add(self, values: Mapping[str, Any]) -> TaskRow:
+        """Insert a task; the stored row, server defaults (timestamps) included."""
+        statement = _insert_statement(frozenset(values))
         parameters = {f"{_NEW}{name}": value for name, value in values.items()}
-        for _, bound in alongside:
-            parameters.update(bound)
         result = await self.connection.execute(statement, parameters)
         row: TaskRow = result.mappings().one()
         return row

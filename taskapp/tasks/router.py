@@ -6,29 +6,33 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
-from fastapi.responses import JSONResponse
 
 from taskapp.auth.dependencies import AdminPrincipal, UserPrincipal
-from taskapp.errors import error_responses
+from taskapp.database.outages import OutcomeUnknownError
+from taskapp.dependencies import API_ERRORS
+from taskapp.errors import BadRequestError, error_responses
+from taskapp.http.responses import json_bytes
+from taskapp.tasks.errors import TaskNotFoundError
 from taskapp.tasks.models import TaskStatus
 from taskapp.tasks.schemas import Owner, TaskCreate, TaskPage, TaskRead, TaskUpdate
 from taskapp.tasks.service import TaskReaderDep, TaskServiceDep
 
-router = APIRouter(prefix="/tasks", tags=["tasks"], responses=error_responses(401, 403, 429, 503))
+_READ = error_responses(*API_ERRORS)
+_READ_ONE = error_responses(*API_ERRORS, TaskNotFoundError)
+_CREATE = error_responses(*API_ERRORS, BadRequestError, OutcomeUnknownError)
+_CHANGE = error_responses(*API_ERRORS, BadRequestError, TaskNotFoundError, OutcomeUnknownError)
+_DELETE = error_responses(*API_ERRORS, TaskNotFoundError, OutcomeUnknownError)
+
+router = APIRouter(prefix="/tasks", tags=["tasks"])
 
 MAX_PAGE = 1_000_000
-
-
-def json_bytes(body: bytes, status_code: int = status.HTTP_200_OK) -> Response:
-    """A JSON response from bytes serialized (and perhaps cached) by the service."""
-    return Response(content=body, status_code=status_code, media_type=JSONResponse.media_type)
 
 
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=TaskRead,
-    responses=error_responses(400),
+    responses=_CREATE,
 )
 async def create_task(
     body: TaskCreate, principal: UserPrincipal, service: TaskServiceDep
@@ -37,7 +41,7 @@ async def create_task(
     return json_bytes(await service.create(principal, body), status.HTTP_201_CREATED)
 
 
-@router.get("", response_model=TaskPage)
+@router.get("", response_model=TaskPage, responses=_READ)
 async def list_tasks(
     principal: UserPrincipal,
     reader: TaskReaderDep,
@@ -55,13 +59,13 @@ async def list_tasks(
     return json_bytes(body)
 
 
-@router.get("/{task_id}", response_model=TaskRead, responses=error_responses(404))
+@router.get("/{task_id}", response_model=TaskRead, responses=_READ_ONE)
 async def get_task(task_id: uuid.UUID, principal: UserPrincipal, reader: TaskReaderDep) -> Response:
     """Read one task."""
     return json_bytes(await reader.get(principal, task_id))
 
 
-@router.patch("/{task_id}", response_model=TaskRead, responses=error_responses(400, 404))
+@router.patch("/{task_id}", response_model=TaskRead, responses=_CHANGE)
 async def update_task(
     task_id: uuid.UUID, body: TaskUpdate, principal: UserPrincipal, service: TaskServiceDep
 ) -> Response:
@@ -69,7 +73,7 @@ async def update_task(
     return json_bytes(await service.update(principal, task_id, body))
 
 
-@router.delete("/{task_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(404))
+@router.delete("/{task_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_DELETE)
 async def delete_task(
     task_id: uuid.UUID, principal: AdminPrincipal, service: TaskServiceDep
 ) -> Response:

@@ -1,40 +1,30 @@
-"""Task rules: who may see and change which task, and the cache in front of the reads."""
+"""Task rules: who may see and change which task, which views a change makes stale, and the
+events it records."""
 
 from __future__ import annotations
 
-import contextlib
 import uuid
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from taskapp.auth.principal import Principal
-from taskapp.cache import ResponseCache
-from taskapp.db import OUTCOME_UNKNOWN, Connections, ConnectionsDep, DatabaseUnavailableError
-from taskapp.errors import ForbiddenError, NotFoundError
-from taskapp.notifications.outbox import Outbox
-from taskapp.ratelimit import RateLimitCheck, deferred_check
+from taskapp.database.connections import Database
+from taskapp.dependencies import request_cache, request_database
+from taskapp.errors import ForbiddenError
+from taskapp.events.consumers.email import TASK_CREATED
+from taskapp.events.event import NewEvent
+from taskapp.redis.cache import RequestCache
+from taskapp.tasks.errors import TaskNotFoundError
 from taskapp.tasks.models import TaskStatus
 from taskapp.tasks.repository import TaskRepository, TaskRow
 from taskapp.tasks.schemas import TaskCreate, TaskPage, TaskRead, TaskUpdate
-
-TASK_NOT_FOUND = "Task not found"
-ADMIN_VIEW = "admin"
+from taskapp.tasks.views import view_of, views_changed
 
 
-def _owner_view(owner: str) -> str:
-    return f"owner:{owner}"
-
-
-def _scope(principal: Principal) -> str | None:
+def _confined_to(principal: Principal) -> str | None:
     """The owner a caller is confined to; None for an admin, who sees every task."""
     return None if principal.is_admin else principal.subject
-
-
-def _view(principal: Principal) -> str:
-    """The cache scope of what the caller can see: their own tasks, or everything."""
-    return ADMIN_VIEW if principal.is_admin else _owner_view(principal.subject)
 
 
 def _json(task: TaskRow) -> bytes:
@@ -48,16 +38,9 @@ class TaskReader:
     it is the read replica's when that has replayed the last write to the caller's view.
     """
 
-    def __init__(
-        self,
-        connections: Connections,
-        cache: ResponseCache,
-        rate_check: RateLimitCheck | None = None,
-    ) -> None:
-        self.connections = connections
+    def __init__(self, database: Database, cache: RequestCache) -> None:
+        self.database = database
         self.cache = cache
-        # The request's rate limit when it is still to be counted: the cache lookup does it.
-        self.rate_check = rate_check
 
     async def list(
         self,
@@ -69,17 +52,17 @@ class TaskReader:
         status: TaskStatus | None,
     ) -> bytes:
         if principal.is_admin:
-            scope = owner
+            confined = owner
         elif owner is None or owner == principal.subject:
-            scope = principal.subject
+            confined = principal.subject
         else:
             raise ForbiddenError("Only admins may list another owner's tasks")
 
         async def load(written_at: float) -> bytes:
-            total, tasks = await self.connections.read(
+            total, tasks = await self.database.read(
                 written_at,
                 lambda connection: TaskRepository(connection).list(
-                    owner=scope,
+                    owner=confined,
                     status=status.value if status else None,
                     offset=(page - 1) * page_size,
                     limit=page_size,
@@ -89,109 +72,95 @@ class TaskReader:
             result = TaskPage(total=total, page=page, page_size=page_size, items=items)
             return result.model_dump_json().encode()
 
-        # The owner filter is part of the key, never of the scope: an admin's filtered
-        # page lives in the admin view, which every write invalidates.
+        # The owner filter is part of the key, never of the view: an admin's filtered page
+        # lives in the admin view, which every write makes stale.
         key = f"list:{page}:{page_size}:{status or ''}:{len(owner or '')}:{owner or ''}"
-        return await self.cache.get_or_load(_view(principal), key, load, rate_check=self.rate_check)
+        return await self.cache.get_or_load(view_of(principal), key, load)
 
     async def get(self, principal: Principal, task_id: uuid.UUID) -> bytes:
         async def load(written_at: float) -> bytes:
-            task = await self.connections.read(
+            task = await self.database.read(
                 written_at,
-                lambda connection: TaskRepository(connection).get(task_id, owner=_scope(principal)),
+                lambda connection: TaskRepository(connection).get(
+                    task_id, owner=_confined_to(principal)
+                ),
             )
             if task is None:
-                raise NotFoundError(TASK_NOT_FOUND)
+                raise TaskNotFoundError()
             return _json(task)
 
-        return await self.cache.get_or_load(
-            _view(principal), f"task:{task_id}", load, rate_check=self.rate_check
-        )
+        return await self.cache.get_or_load(view_of(principal), f"task:{task_id}", load)
 
 
 class TaskService:
-    """Changes. Each is one statement on an autocommit connection, so it commits on its own
-    (with the outbox row of a new task in the same statement), and only then do its effects
-    go out: the cache invalidated, the notification handed to Celery. Each answers with
-    the stored task's JSON."""
+    """Changes. Each is one statement, so its unit of work commits it on its own, with the
+    events it records inside it; only then are the views it touched forgotten and its events
+    handed on. Each answers with the stored task's JSON."""
 
-    def __init__(self, connections: Connections, cache: ResponseCache, outbox: Outbox) -> None:
-        self.connections = connections
-        self.cache = cache
-        self.outbox = outbox
+    def __init__(self, database: Database) -> None:
+        self.database = database
 
     async def create(self, principal: Principal, data: TaskCreate) -> bytes:
         task_id = uuid.uuid4()
-        notification = self.outbox.task_created(
-            task_id=task_id,
-            owner=principal.subject,
-            email=principal.email,
-            title=data.title,
-            description=data.description,
-            status=data.status.value,
-        )
-        values = {
-            "id": task_id,
-            "owner": principal.subject,
-            "title": data.title,
-            "description": data.description,
-            "status": data.status.value,
-        }
-        async with self._changing(principal.subject), self.connections() as connection:
-            task = await TaskRepository(connection).add(
-                values,
-                alongside=[(notification.insert, notification.parameters)] if notification else (),
+        owner = principal.subject
+        async with self.database.unit_of_work(single_statement=True) as work:
+            work.touches(*views_changed(owner))
+            work.emit(
+                NewEvent(
+                    kind=TASK_CREATED,
+                    aggregate_id=task_id,
+                    owner=owner,
+                    actor=principal.subject,
+                    payload={
+                        "title": data.title,
+                        "description": data.description,
+                        "status": data.status.value,
+                        "email": principal.email,
+                    },
+                )
             )
-        await self._changed(task["owner"])
-        if notification is not None:
-            self.outbox.committed(notification)
+            task = await TaskRepository(work).add(
+                {
+                    "id": task_id,
+                    "owner": owner,
+                    "title": data.title,
+                    "description": data.description,
+                    "status": data.status.value,
+                }
+            )
         return _json(task)
 
     async def update(self, principal: Principal, task_id: uuid.UUID, data: TaskUpdate) -> bytes:
-        async with self._changing(_scope(principal)), self.connections() as connection:
-            task = await TaskRepository(connection).update(
-                task_id, data.changes(), owner=_scope(principal)
-            )
+        confined = _confined_to(principal)
+        async with self.database.unit_of_work(single_statement=True) as work:
+            if confined is not None:
+                work.may_touch(*views_changed(confined))
+            task = await TaskRepository(work).update(task_id, data.changes(), owner=confined)
+            if task is not None:
+                work.touches(*views_changed(task["owner"]))
         if task is None:
-            raise NotFoundError(TASK_NOT_FOUND)
-        await self._changed(task["owner"])
+            raise TaskNotFoundError()
         return _json(task)
 
     async def delete(self, principal: Principal, task_id: uuid.UUID) -> None:
-        async with self._changing(_scope(principal)), self.connections() as connection:
-            owner = await TaskRepository(connection).delete(task_id, owner=_scope(principal))
+        confined = _confined_to(principal)
+        async with self.database.unit_of_work(single_statement=True) as work:
+            if confined is not None:
+                work.may_touch(*views_changed(confined))
+            owner = await TaskRepository(work).delete(task_id, owner=confined)
+            if owner is not None:
+                work.touches(*views_changed(owner))
         if owner is None:
-            raise NotFoundError(TASK_NOT_FOUND)
-        await self._changed(owner)
-
-    @contextlib.asynccontextmanager
-    async def _changing(self, owner: str | None) -> AsyncIterator[None]:
-        """Around a change's statement: one whose outcome is unknown may have committed, so
-        what it may have changed (`owner`'s tasks; None: anyone's) is invalidated before its
-        503 goes out."""
-        try:
-            yield
-        except DatabaseUnavailableError as exc:
-            if exc.detail == OUTCOME_UNKNOWN:
-                if owner is None:
-                    await self.cache.invalidate_all()
-                else:
-                    await self._changed(owner)
-            raise
-
-    async def _changed(self, owner: str) -> None:
-        # A committed change to an owner's task shows in their view and in the admin view.
-        await self.cache.invalidate(_owner_view(owner), ADMIN_VIEW)
+            raise TaskNotFoundError()
 
 
 # Both async: FastAPI runs a plain `def` dependency in a worker thread, a hop per request.
-async def get_task_reader(connections: ConnectionsDep, request: Request) -> TaskReader:
-    return TaskReader(connections, request.app.state.cache, deferred_check(request))
+async def get_task_reader(request: Request) -> TaskReader:
+    return TaskReader(request_database(request), request_cache(request))
 
 
-async def get_task_service(connections: ConnectionsDep, request: Request) -> TaskService:
-    state = request.app.state
-    return TaskService(connections, state.cache, state.outbox)
+async def get_task_service(request: Request) -> TaskService:
+    return TaskService(request_database(request))
 
 
 TaskReaderDep = Annotated[TaskReader, Depends(get_task_reader)]

@@ -22,7 +22,7 @@ from taskapp.auth.errors import InvalidTokenError
 from taskapp.auth.jwks import StaticKeySource, parse_jwks
 from taskapp.auth.tokens import TokenVerifier
 from taskapp.config import OIDCSettings
-from tests.fixtures.oidc import AUDIENCE, OIDCProvider, new_rsa_key
+from testing.oidc import AUDIENCE, OIDCProvider, new_rsa_key
 
 
 class Counter:

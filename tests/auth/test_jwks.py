@@ -20,9 +20,9 @@ import pytest
 from jwt.algorithms import RSAAlgorithm
 
 from taskapp.app import create_app
+from testing.oidc import OIDCProvider, new_rsa_key, public_jwk, serve_provider
+from testing.services import free_port
 from tests.conftest import SettingsFactory, running
-from tests.fixtures.oidc import OIDCProvider, new_rsa_key, public_jwk, serve_provider
-from tests.fixtures.services import free_port
 
 INVALID_TOKEN_CHALLENGE = 'Bearer error="invalid_token"'
 
@@ -86,7 +86,10 @@ def assert_invalid_token(response: httpx.Response) -> None:
 
 def assert_provider_unavailable(response: httpx.Response) -> None:
     assert response.status_code == 503, response.text
-    assert response.json() == {"detail": "Identity provider unavailable"}
+    assert response.json() == {
+        "detail": "Identity provider unavailable",
+        "code": "identity_provider_unavailable",
+    }
 
 
 FOREIGN_KEY = new_rsa_key()

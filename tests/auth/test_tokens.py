@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives import serialization
 from fastapi import FastAPI
 from sqlalchemy import text
 
-from tests.fixtures.oidc import AUDIENCE, OIDCProvider, new_rsa_key
+from testing.oidc import AUDIENCE, OIDCProvider, new_rsa_key
+from tests.conftest import app_state, client_of
 
 INVALID_TOKEN_CHALLENGE = 'Bearer error="invalid_token"'
 
@@ -151,9 +152,9 @@ def tamper(token: str, **claims: Any) -> str:
 @pytest.fixture(scope="module")
 async def _tasks_removed_after_module(app: FastAPI) -> AsyncIterator[None]:
     yield
-    async with app.state.engine.begin() as connection:
+    async with app_state(app).engine.begin() as connection:
         await connection.execute(text("TRUNCATE tasks"))
-    await app.state.cache.clear()
+    await app_state(app).cache.clear()
 
 
 @pytest.fixture
@@ -162,25 +163,27 @@ def api(app: FastAPI, _tasks_removed_after_module: None) -> httpx.AsyncClient:
 
     (Truncating after each of the ~200 requests here would triple the module's run time.)
     """
-    client: httpx.AsyncClient = app.state.test_client
-    return client
+    return client_of(app)
 
 
 def assert_invalid_token(response: httpx.Response) -> None:
     assert response.status_code == 401, response.text
     assert response.headers["www-authenticate"] == INVALID_TOKEN_CHALLENGE
     body = response.json()
-    assert set(body) == {"detail"}
+    assert set(body) == {"detail", "code"}
     assert isinstance(body["detail"], str)
     assert body["detail"]
+    expected = "token_expired" if body["detail"] == "Token expired" else "token_invalid"
+    assert body["code"] == expected
 
 
 def assert_forbidden(response: httpx.Response) -> None:
     assert response.status_code == 403, response.text
     body = response.json()
-    assert set(body) == {"detail"}
+    assert set(body) == {"detail", "code"}
     assert isinstance(body["detail"], str)
     assert body["detail"]
+    assert body["code"] == "forbidden"
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -254,8 +257,9 @@ async def test_no_authorization_header_gets_a_bare_challenge(api: httpx.AsyncCli
     # RFC 6750 3.1: no credentials at all means no error code in the challenge.
     assert response.headers["www-authenticate"] == "Bearer"
     body = response.json()
-    assert set(body) == {"detail"}
+    assert set(body) == {"detail", "code"}
     assert isinstance(body["detail"], str)
+    assert body["code"] == "not_authenticated"
 
 
 @pytest.mark.parametrize(
@@ -269,8 +273,9 @@ async def test_other_authorization_schemes_are_rejected(
     assert response.status_code == 401, response.text
     assert response.headers["www-authenticate"].startswith("Bearer")
     body = response.json()
-    assert set(body) == {"detail"}
+    assert set(body) == {"detail", "code"}
     assert isinstance(body["detail"], str)
+    assert body["code"] == "not_authenticated"
 
 
 # --- roles -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from taskapp.db import alembic_config
+from taskapp.database.migrations import alembic_config
 from tests.deploy.stack import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -166,11 +166,12 @@ def test_healthcheck_asks_healthz_and_the_default_command_serves(runtime: Stage)
 
 
 def test_the_image_keeps_the_layout_taskapp_migrate_expects(stages: list[Stage]) -> None:
-    # taskapp.db.alembic_config looks for alembic.ini and migrations/ beside the package.
+    # taskapp.database.migrations looks for alembic.ini and migrations/ beside the package.
     config = alembic_config()
+    assert config.config_file_name is not None
     repository_root = Path(config.config_file_name).parent
-    assert (repository_root / "taskapp" / "db.py").exists()
-    assert Path(config.get_main_option("script_location")) == repository_root / "migrations"
+    assert (repository_root / "taskapp" / "database" / "migrations.py").exists()
+    assert config.get_main_option("script_location") == str(repository_root / "migrations")
 
     builder = stages[0]
     assert builder.all("WORKDIR") == [APP_DIR]

@@ -1,6 +1,6 @@
 """Prometheus and Grafana in deploy/compose.yml: the compose scrape config passes promtool and
 scrapes every API replica, the worker and beat with the token of the env file; Grafana is
-provisioned with that Prometheus and the dashboard (tests/test_deploy_prometheus.py checks
+provisioned with that Prometheus and the dashboard (tests/deploy/test_prometheus.py checks
 the dashboard itself)."""
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ import httpx
 import pytest
 
 from reliability.chaos_stack import nginx_main
+from testing.services import free_port
 from tests.deploy.stack import DEPLOY
-from tests.fixtures.services import free_port
 from tests.fixtures.tools import nginx
 
 CONFIG = DEPLOY / "nginx" / "taskapp.conf"

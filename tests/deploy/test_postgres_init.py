@@ -11,8 +11,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from taskapp.db import upgrade_database
-from taskapp.embedded import embedded_postgres
+from taskapp.cli.embedded import embedded_postgres
+from taskapp.database.migrations import upgrade_database
 from tests.deploy.stack import DEPLOY
 
 SCRIPT = DEPLOY / "postgres" / "init-databases.sh"

@@ -20,6 +20,7 @@ import pytest
 from taskapp.auth.jwks import SigningKey, StaticKeySource
 from taskapp.auth.principal import Role
 from taskapp.auth.tokens import TokenVerifier
+from testing.oidc import new_rsa_key, public_jwk
 from tests.deploy.stack import (
     compose,
     env_example,
@@ -27,7 +28,6 @@ from tests.deploy.stack import (
     published_ports,
     realm,
 )
-from tests.fixtures.oidc import new_rsa_key, public_jwk
 
 # Keycloak's HTTP port inside its container (KC_HTTP_PORT's default).
 KEYCLOAK_HTTP_PORT = 8080

@@ -33,7 +33,9 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from taskapp.app import create_app
-from tests.conftest import SettingsFactory, running
+from tests.conftest import SettingsFactory, app_state, running
+
+pytestmark = pytest.mark.slow
 
 NODE = shutil.which("node")
 NPM = shutil.which("npm")
@@ -206,7 +208,7 @@ async def taskapp_for(
         try:
             yield app, client
         finally:
-            async with app.state.engine.begin() as connection:
+            async with app_state(app).engine.begin() as connection:
                 await connection.execute(
                     text("DELETE FROM tasks WHERE owner IN (:a, :b)"),
                     {"a": USER_CLIENT[0], "b": NO_ROLE_CLIENT[0]},
@@ -227,7 +229,8 @@ def bearer(token: str) -> dict[str, str]:
 
 def assert_invalid_token(response: httpx.Response, detail: str) -> None:
     assert response.status_code == 401, response.text
-    assert response.json() == {"detail": detail}
+    code = "token_expired" if detail == "Token expired" else "token_invalid"
+    assert response.json() == {"detail": detail, "code": code}
     assert response.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
 
 
@@ -296,7 +299,7 @@ async def test_app_fetches_the_providers_discovery_document_and_jwks(
         assert response.status_code == 200, response.text
         await asyncio.sleep(0.2)  # time for any request to show up on the provider's stdout
         assert real_provider.served(mark)[2:] == []
-        assert app.state.token_verifier.issuer == real_provider.issuer
+        assert app_state(app).tokens.issuer == real_provider.issuer
 
 
 async def test_user_role_token_lists_and_creates_tasks(

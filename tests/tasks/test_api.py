@@ -12,10 +12,11 @@ from fastapi import FastAPI
 from sqlalchemy import insert
 
 from taskapp.tasks.models import Task
-from tests.fixtures.oidc import OIDCProvider
+from testing.oidc import OIDCProvider
+from tests.conftest import app_state
 from tests.fixtures.tasks import create, db_row
 
-NOT_FOUND = {"detail": "Task not found"}
+NOT_FOUND = {"detail": "Task not found", "code": "task_not_found"}
 STATUSES = ("pending", "in_progress", "completed")
 
 
@@ -148,7 +149,7 @@ async def test_equal_created_at_is_ordered_by_id_desc_across_pages(
     # so paging stays stable.
     moment = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
     ids = [uuid.uuid4() for _ in range(9)]
-    async with app.state.engine.begin() as connection:
+    async with app_state(app).engine.begin() as connection:
         await connection.execute(
             insert(Task),
             [

@@ -9,10 +9,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from tests.fixtures.oidc import AUDIENCE, OIDCProvider
+from testing.oidc import AUDIENCE, OIDCProvider
 from tests.fixtures.tasks import create, db_count, db_row
 
-NOT_FOUND = {"detail": "Task not found"}
+NOT_FOUND = {"detail": "Task not found", "code": "task_not_found"}
 
 
 @pytest.fixture
@@ -340,7 +340,7 @@ async def test_token_without_user_or_admin_role_is_forbidden(
     }
     response = await client.request(headers=auth, **requests[method])
     assert response.status_code == 403, response.text
-    assert set(response.json()) == {"detail"}
+    assert set(response.json()) == {"detail", "code"}
     assert isinstance(response.json()["detail"], str)
     assert await db_count(app) == count
     assert await db_row(app, owned["id"]) == before

@@ -10,6 +10,8 @@ from typing import Any
 
 from sqlalchemy import event
 
+from tests.conftest import app_state
+
 PARTITION = re.compile(r"tasks_p\d+")
 
 
@@ -85,7 +87,7 @@ async def test_user_queries_hit_one_partition_through_an_index(client, app, oidc
             assert response.status_code == 201
     task_id = (await client.get("/tasks", headers=user)).json()["items"][0]["id"]
 
-    engine = app.state.engine
+    engine = app_state(app).engine
     with captured_statements(engine) as statements:
         assert (await client.get("/tasks?page=1&page_size=2", headers=user)).status_code == 200
         assert (await client.get("/tasks?status=pending", headers=user)).status_code == 200
@@ -110,18 +112,18 @@ async def test_user_queries_hit_one_partition_through_an_index(client, app, oidc
 async def test_admin_lookup_by_id_uses_the_id_index(client, app, oidc):
     created = await client.post("/tasks", json={"title": "x"}, headers=oidc.auth("alice"))
     admin = oidc.auth("root", roles=["admin"])
-    with captured_statements(app.state.engine) as statements:
+    with captured_statements(app_state(app).engine) as statements:
         response = await client.get(f"/tasks/{created.json()['id']}", headers=admin)
         assert response.status_code == 200
     statement, parameters = next((s, p) for s, p in statements if "FROM tasks" in s)
-    scans = await _explain(app.state.engine, statement, parameters)
+    scans = await _explain(app_state(app).engine, statement, parameters)
     # No owner to prune by: every partition is probed, each through its id index.
     assert {relation for _, relation in scans} == {f"tasks_p{i}" for i in range(8)}
     assert all("Index" in node for node, _ in scans), scans
 
 
 async def test_the_api_plans_statements_once_per_connection(app):
-    async with app.state.engine.connect() as connection:
+    async with app_state(app).engine.connect() as connection:
         mode = await connection.exec_driver_sql("SHOW plan_cache_mode")
         assert mode.scalar() == "force_generic_plan"
 
@@ -130,7 +132,7 @@ async def test_admin_pages_carry_their_bounds_in_the_sql(client, app, oidc):
     """Across all owners a generic plan made without LIMIT reads the whole table, so the
     page bounds are written into the statement and the planner sees them."""
     admin = oidc.auth("root", roles=["admin"])
-    with captured_statements(app.state.engine) as statements:
+    with captured_statements(app_state(app).engine) as statements:
         assert (await client.get("/tasks?page=3&page_size=7", headers=admin)).status_code == 200
         owned = await client.get("/tasks?page=3&page_size=7&owner=alice", headers=admin)
         assert owned.status_code == 200

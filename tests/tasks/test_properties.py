@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from taskapp.tasks.schemas import TaskUpdate
-from tests.fixtures.oidc import OIDCProvider
+from testing.oidc import OIDCProvider
 from tests.fixtures.tasks import db_row
 
 STATUSES = ("pending", "in_progress", "completed")

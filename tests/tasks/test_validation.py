@@ -10,7 +10,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from tests.fixtures.oidc import OIDCProvider
+from testing.oidc import OIDCProvider
 from tests.fixtures.tasks import db_count, db_row
 
 SECRET = "s3cr3t-marker"  # a value that must never be echoed back
@@ -20,7 +20,7 @@ def assert_validation_error(response: httpx.Response) -> None:
     """A 422 in FastAPI's shape, listing loc/msg/type only: the input is never echoed."""
     assert response.status_code == 422, response.text
     body = response.json()
-    assert set(body) == {"detail"}
+    assert set(body) == {"detail", "code"}
     assert isinstance(body["detail"], list)
     assert body["detail"]
     for error in body["detail"]:
@@ -34,7 +34,7 @@ def assert_client_error(response: httpx.Response) -> None:
     """Some 4xx with a `detail`; in particular not a 500."""
     assert 400 <= response.status_code < 500, (response.status_code, response.text)
     body = response.json()
-    assert set(body) == {"detail"}
+    assert set(body) == {"detail", "code"}
     if isinstance(body["detail"], list):
         for error in body["detail"]:
             assert "input" not in error

@@ -1,0 +1,5 @@
+"""`python -m taskapp.cli`: the `taskapp` command."""
+
+from taskapp.cli.parser import main
+
+main()

@@ -1,0 +1,1 @@
+"""PostgreSQL: engines, the connections requests use, units of work, the read replica."""

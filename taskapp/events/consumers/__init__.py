@@ -1,0 +1,1 @@
+"""The consumers of events, one module each."""

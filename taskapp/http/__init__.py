@@ -1,0 +1,1 @@
+"""HTTP plumbing: the server protocol, request ids, security headers, the body cap."""

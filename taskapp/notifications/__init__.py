@@ -1,1 +1,0 @@
-"""E-mail notifications: a transactional outbox relayed through Celery to SMTP."""

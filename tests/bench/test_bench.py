@@ -1,0 +1,76 @@
+"""The benchmark's data set and its query-plan check (the load itself runs in `make bench`)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import psycopg
+import pytest
+
+from bench.plans import explain_scenarios
+from bench.seed import HEAVY_OWNERS, owner_sizes, seed
+from taskapp.database.migrations import upgrade_database
+from testing.services import scratch_database
+
+
+def test_owner_sizes_are_skewed_and_exact() -> None:
+    sizes = owner_sizes(1_000_000, 10_000, random.Random(1))
+    assert sum(sizes) == 1_000_000
+    assert len(sizes) == 10_000
+    assert min(sizes) >= 1
+    # A few owners with 10,000+ tasks, most with tens to hundreds.
+    assert sum(size >= 10_000 for size in sizes) == HEAVY_OWNERS
+    median = sorted(sizes)[len(sizes) // 2]
+    assert 20 <= median <= 200, median
+
+
+def test_too_few_rows_for_the_owners_is_refused() -> None:
+    with pytest.raises(ValueError, match="cannot spread"):
+        owner_sizes(50, 100, random.Random(1))
+
+
+def test_seed_loads_what_it_reports_and_plans_use_one_partition(
+    postgres_admin_url: str,
+) -> None:
+    with scratch_database(postgres_admin_url, prefix="taskapp_bench_test") as url:
+        upgrade_database(url)
+        dataset = seed(url, rows=20_000, owners=200, samples=5)
+        with psycopg.connect(url) as connection:
+            rows = connection.execute("SELECT owner, count(*) FROM tasks GROUP BY owner").fetchall()
+            indexes = connection.execute(
+                "SELECT tablename, count(*) FROM pg_indexes WHERE tablename LIKE 'tasks%'"
+                " GROUP BY tablename"
+            ).fetchall()
+            invalid = connection.execute(
+                "SELECT count(*) FROM pg_index WHERE NOT indisvalid"
+            ).fetchone()
+            statuses = connection.execute("SELECT DISTINCT status FROM tasks").fetchall()
+        assert dict(rows) == dict(zip(dataset.owners, dataset.sizes, strict=True))
+        # The primary key and the four indexes, rebuilt after the load on every partition.
+        assert dict(indexes) == {name: 5 for name in ["tasks", *[f"tasks_p{i}" for i in range(8)]]}
+        assert invalid == (0,)
+        assert {status for (status,) in statuses} == {"pending", "in_progress", "completed"}
+        assert all(len(ids) == min(5, size) for ids, size in
+                   zip(dataset.sample_ids.values(), dataset.sizes, strict=True))  # fmt: skip
+
+        heavy = dataset.owners[0]
+        task_id = dataset.sample_ids[heavy][0]
+        row_query = "SELECT status, updated_at FROM tasks WHERE id = %s"
+        with psycopg.connect(url) as connection:
+            before = connection.execute(row_query, (task_id,)).fetchone()
+        plans = asyncio.run(
+            explain_scenarios(
+                url.replace("postgresql://", "postgresql+asyncpg://", 1),
+                owner=heavy,
+                deep_offset=dataset.sizes[0] - 10,
+                task_id=task_id,
+                small=True,
+            )
+        )
+        assert {plan.scenario for plan in plans} == {"2 list (deep page)", "3 get", "5 patch"}
+        for plan in plans:
+            assert plan.ok, plan.summary()
+            assert len(plan.partitions) == 1
+        with psycopg.connect(url) as connection:  # the update was explained, not kept
+            assert connection.execute(row_query, (task_id,)).fetchone() == before
