@@ -41,16 +41,23 @@ E_contra = TypeVar("E_contra", contravariant=True)
 Rider = tuple[Insert, Mapping[str, Any]]
 
 
+class Entry(Protocol):
+    """A journal's record of a unit of work's events."""
+
+    @property
+    def rows(self) -> Sequence[Rider]:
+        """The inserts that store the events; none when nothing consumes them."""
+        ...
+
+    def committed(self) -> None:
+        """The rows are committed: hand the events on (never blocks, never fails)."""
+        ...
+
+
 class Journal(Protocol[E_contra]):
     """Where the events of a unit of work go (taskapp.events.outbox.Outbox)."""
 
-    def rows(self, events: Sequence[E_contra]) -> Sequence[Rider]:
-        """The inserts that record `events`; none when nothing consumes them."""
-        ...
-
-    def committed(self, events: Sequence[E_contra]) -> None:
-        """`events` are committed: hand them on (never blocks, never fails)."""
-        ...
+    def record(self, events: Sequence[E_contra]) -> Entry: ...
 
 
 class Invalidator(Protocol):
@@ -90,6 +97,7 @@ class UnitOfWork(Generic[E]):
         # server that commits each statement as it returns.
         self._begin = server.transactional or not single_statement
         self._events: list[E] = []
+        self._entry: Entry | None = None
         self._views: list[str] = []
         self._possible: list[str] = []
         self._resources = contextlib.AsyncExitStack()
@@ -149,17 +157,19 @@ class UnitOfWork(Generic[E]):
             raise
         if self._committed:
             await self._forget_views(unknown=False)
-            if self._events and self._journal is not None:
-                self._journal.committed(self._events)
+            if self._entry is not None:
+                self._entry.committed()
         elif isinstance(exc, OutcomeUnknownError):
             await self._forget_views(unknown=True)
 
     # -- internals ---------------------------------------------------------------------------
 
     def _riders(self) -> Sequence[Rider]:
+        """The rows of the events, recorded once they are all known."""
         if not self._events or self._journal is None:
             return ()
-        return self._journal.rows(self._events)
+        self._entry = self._journal.record(self._events)
+        return self._entry.rows
 
     async def _connect(self) -> AsyncConnection:
         if self._connection is None:

@@ -3,7 +3,9 @@ written with the change (a unit of work's journal), and their hand-off once comm
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -19,31 +21,42 @@ _EVENT_COLUMNS = ("id", "kind", "aggregate_id", "owner", "actor", "payload")
 _DELIVERY_COLUMNS = ("event_id", "consumer", "target", "status")
 
 
-@lru_cache(maxsize=16)
-def _insert(table: Any, columns: tuple[str, ...], rows: int) -> Insert:
-    """INSERT of `rows` rows, their values bound as `<table>_<row>_<column>`: built once per
-    size and bound per change (building and cache-keying a statement per request is a
-    sizeable part of a create's cost), under names apart from those of the statement it
-    joins."""
-    name, types = table.__tablename__, table.__table__.c
-    # Typed: past its first row, a multi-row VALUES does not type a parameter by its column.
-    values = [
-        {
-            column: bindparam(f"{name}_{row}_{column}", type_=types[column].type)
-            for column in columns
-        }
-        for row in range(rows)
-    ]
-    return insert(table).values(values)
-
-
-def _bound(table: Any, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+@lru_cache(maxsize=64)
+def _insert(table: Any, columns: tuple[str, ...], row: int) -> Insert:
+    """INSERT of one row, its values bound as `<table>_<row>_<column>`: built once and bound
+    per change (building and cache-keying a statement per request is a sizeable part of a
+    create's cost), under names apart from those of the statement it joins. One row each:
+    SQLAlchemy caches no multi-row VALUES, and compiling one per change costs more than
+    the change."""
     name = table.__tablename__
-    return {
-        f"{name}_{number}_{column}": value
+    return insert(table).values({column: bindparam(f"{name}_{row}_{column}") for column in columns})
+
+
+def _rows(table: Any, columns: tuple[str, ...], rows: Sequence[dict[str, Any]]) -> list[Rider]:
+    name = table.__tablename__
+    return [
+        (
+            _insert(table, columns, number),
+            {f"{name}_{number}_{column}": value for column, value in row.items()},
+        )
         for number, row in enumerate(rows)
-        for column, value in row.items()
-    }
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """What the outbox made of a change's events: their rows, then their hand-off."""
+
+    rows: list[Rider]
+    due: list[uuid.UUID]  # events with a delivery to make
+    skipped: list[Consumer]  # one per delivery with nothing to deliver
+    relay: Relay | None
+
+    def committed(self) -> None:
+        for consumer in self.skipped:
+            consumer.outcomes.labels("skipped").inc()
+        if self.due and self.relay is not None:
+            self.relay.publish(self.due)
 
 
 class Outbox:
@@ -57,50 +70,35 @@ class Outbox:
         self._consumers = list(consumers)
         self._relay = relay
 
-    def _deliveries(self, event: NewEvent) -> list[tuple[Consumer, str | None]]:
-        return [
-            (consumer, consumer.target(event))
-            for consumer in self._consumers
-            if event.kind in consumer.kinds
-        ]
-
-    def rows(self, events: Sequence[NewEvent]) -> list[Rider]:
+    def record(self, events: Sequence[NewEvent]) -> _Entry:
         stored: list[dict[str, Any]] = []
         deliveries: list[dict[str, Any]] = []
+        due: list[uuid.UUID] = []
+        skipped: list[Consumer] = []
         for event in events:
-            planned = self._deliveries(event)
-            if not planned:
+            takers = [consumer for consumer in self._consumers if event.kind in consumer.kinds]
+            if not takers:
                 continue
             stored.append({
                 "id": event.id, "kind": event.kind, "aggregate_id": event.aggregate_id,
                 "owner": event.owner, "actor": event.actor, "payload": dict(event.payload),
             })  # fmt: skip
-            for consumer, target in planned:
+            pending = False
+            for consumer in takers:
+                target = consumer.target(event)
                 status = DeliveryStatus.PENDING if target is not None else DeliveryStatus.SKIPPED
                 deliveries.append({
                     "event_id": event.id, "consumer": consumer.name, "target": target,
                     "status": status.value,
                 })  # fmt: skip
-        if not stored:
-            return []
-        return [
-            (_insert(Event, _EVENT_COLUMNS, len(stored)), _bound(Event, stored)),
-            (_insert(Delivery, _DELIVERY_COLUMNS, len(deliveries)), _bound(Delivery, deliveries)),
-        ]
-
-    def committed(self, events: Sequence[NewEvent]) -> None:
-        due = []
-        for event in events:
-            pending = False
-            for consumer, target in self._deliveries(event):
                 if target is None:
-                    consumer.outcomes.labels("skipped").inc()
+                    skipped.append(consumer)
                 else:
                     pending = True
             if pending:
                 due.append(event.id)
-        if due and self._relay is not None:
-            self._relay.publish(due)
+        rows = _rows(Event, _EVENT_COLUMNS, stored) + _rows(Delivery, _DELIVERY_COLUMNS, deliveries)
+        return _Entry(rows, due, skipped, self._relay)
 
     async def aclose(self) -> None:
         if self._relay is not None:

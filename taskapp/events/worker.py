@@ -86,8 +86,7 @@ class Deliverer:
             delivery, event = found
             handler = self.consumers.get(consumer)
             if handler is None:
-                # Recorded by a deployment that ran this consumer: leave it for one that does.
-                logger.warning("no consumer %r here for event %s", consumer, event_id)
+                # A job for a consumer this worker does not run: leave it to one that does.
                 return "nothing to do", 0.0
             outcome, delay = self._attempt(handler, delivery, event)
         # Counted once the outcome is committed.
@@ -123,18 +122,21 @@ class Deliverer:
         return "sent", 0.0
 
     def pending(self, event_ids: list[uuid.UUID]) -> list[tuple[uuid.UUID, str]]:
-        """The pending deliveries of `event_ids`."""
+        """The pending deliveries of `event_ids` that this worker's consumers make."""
         with self.sessions() as session:
             rows = session.execute(
                 select(Delivery.event_id, Delivery.consumer).where(
-                    Delivery.event_id.in_(event_ids), Delivery.status == PENDING
+                    Delivery.event_id.in_(event_ids),
+                    Delivery.status == PENDING,
+                    Delivery.consumer.in_(self.consumers),
                 )
             ).all()
         return [(event_id, consumer) for event_id, consumer in rows]
 
     def overdue(self) -> list[tuple[uuid.UUID, str]]:
         """Deliveries still pending a grace period after they were due (their job was never
-        published, or was lost with a worker); reports the backlog as it goes."""
+        published, or was lost with a worker), of this worker's consumers; reports the
+        backlog of all of them as it goes."""
         grace = timedelta(seconds=self.settings.notifications.grace)
         with self.sessions() as session:
             backlog = session.scalar(
@@ -143,7 +145,11 @@ class Deliverer:
             OUTBOX_PENDING.set(backlog or 0)
             rows = session.execute(
                 select(Delivery.event_id, Delivery.consumer)
-                .where(Delivery.status == PENDING, Delivery.next_attempt_at <= func.now() - grace)
+                .where(
+                    Delivery.status == PENDING,
+                    Delivery.consumer.in_(self.consumers),
+                    Delivery.next_attempt_at <= func.now() - grace,
+                )
                 .order_by(Delivery.next_attempt_at)
                 .limit(SWEEP_BATCH)
             ).all()

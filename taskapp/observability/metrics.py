@@ -105,6 +105,6 @@ NOTIFICATIONS = Counter(
 )
 OUTBOX_PENDING = Gauge(
     "taskapp_outbox_pending",
-    "Notifications waiting to be sent, as counted by the last outbox sweep",
+    "Deliveries of events waiting to be made (the e-mails), as counted by the last sweep",
     multiprocess_mode="livemax",
 )

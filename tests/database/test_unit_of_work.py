@@ -29,6 +29,18 @@ TASKS = cast(Table, Task.__table__)
 
 
 @dataclass
+class Witnessed:
+    """The witness's record of a unit of work's events."""
+
+    witness: Witness
+    rows: Sequence[Rider]
+    ids: list[uuid.UUID]
+
+    def committed(self) -> None:
+        self.witness.calls.append(("committed", self.ids, self.witness.visible))
+
+
+@dataclass
 class Witness:
     """Journal and invalidator both: records what it is told, and whether the change was
     committed (visible to another connection) when it was told."""
@@ -39,11 +51,8 @@ class Witness:
     calls: list[tuple[str, Any, bool]] = field(default_factory=list)
     visible: bool = False
 
-    def rows(self, events: Sequence[NewEvent]) -> Sequence[Rider]:
-        return self.outbox.rows(events)
-
-    def committed(self, events: Sequence[NewEvent]) -> None:
-        self.calls.append(("committed", [e.id for e in events], self.visible))
+    def record(self, events: Sequence[NewEvent]) -> Witnessed:
+        return Witnessed(self, self.outbox.record(events).rows, [e.id for e in events])
 
     async def invalidate(self, *views: str) -> None:
         self.visible = await self._visible()

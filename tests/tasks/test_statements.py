@@ -8,8 +8,13 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy.engine.interfaces import CacheStats
 
-from tests.conftest import app_state
+from taskapp.app import create_app
+from tests.conftest import SettingsFactory, app_state, running
+
+# A broker nobody listens on: the events are recorded, their hand-off fails quietly.
+UNREACHABLE = "redis://127.0.0.1:9/0"
 
 
 @contextmanager
@@ -57,3 +62,42 @@ async def test_reads_run_outside_a_transaction(client, app, oidc):
         assert task.status_code == 200
     assert [kind for kind, _ in seen] == ["SELECT", "SELECT"]  # a page (count included), a task
     assert not any(inside for _, inside in seen), seen
+
+
+async def test_every_statement_is_compiled_once_then_taken_from_the_cache(
+    make_settings: SettingsFactory, oidc
+):
+    """Compiling a statement costs more than running it: each the API sends, a create with
+    its events included, is built once and found in SQLAlchemy's cache after."""
+    app = create_app(make_settings(notifications={"enabled": True}, broker_url=UNREACHABLE))
+    kinds: list[tuple[str, object]] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        if "tasks" in statement:
+            kinds.append((statement.split()[0].upper(), context.cache_hit))
+
+    async with running(app) as client:
+        alice, admin = oidc.auth("alice"), oidc.auth("root", roles=["admin"])
+        engine = app_state(app).engine
+
+        async def every_kind(n: int) -> None:
+            created = await client.post("/tasks", json={"title": f"t{n}"}, headers=alice)
+            assert created.status_code == 201, created.text
+            task = created.json()["id"]
+            await app_state(app).cache.clear()  # the reads must reach the database
+            assert (await client.get("/tasks", headers=alice)).status_code == 200
+            assert (await client.get(f"/tasks/{task}", headers=alice)).status_code == 200
+            changed = await client.patch(
+                f"/tasks/{task}", json={"status": "completed"}, headers=alice
+            )
+            assert changed.status_code == 200
+            assert (await client.delete(f"/tasks/{task}", headers=admin)).status_code == 204
+
+        await every_kind(0)  # compiled here, if not by an earlier test
+        event.listen(engine.sync_engine, "after_cursor_execute", record)
+        try:
+            await every_kind(1)
+        finally:
+            event.remove(engine.sync_engine, "after_cursor_execute", record)
+    assert [kind for kind, _ in kinds] == ["WITH", "SELECT", "SELECT", "UPDATE", "DELETE"]
+    assert {hit for _, hit in kinds} == {CacheStats.CACHE_HIT}, kinds
