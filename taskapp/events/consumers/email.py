@@ -10,6 +10,7 @@ import ssl
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import formatdate
+from functools import lru_cache
 from string import Template
 from urllib.parse import unquote, urlsplit
 
@@ -40,7 +41,15 @@ _ADDRESS = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(\.[A-Za-
 
 def usable_address(email: object) -> str | None:
     """`email` when it is one plain address the mail library reads back unchanged."""
-    if not isinstance(email, str) or not email or len(email) > 320 or not _ADDRESS.match(email):
+    if not isinstance(email, str) or not email or len(email) > 320:
+        return None
+    return _usable(email)
+
+
+# The mail library's parser is slow, and a user's address comes with each of their changes.
+@lru_cache(maxsize=16_384)
+def _usable(email: str) -> str | None:
+    if not _ADDRESS.match(email):
         return None
     try:
         parsed = Address(addr_spec=email).addr_spec
