@@ -15,7 +15,8 @@ Every response must pass Schemathesis's checks: no server error, a status the op
 documents, a body matching the documented schema, the documented content type, and no
 400/422 for input the schema calls valid. Prints the cases per operation and token, the
 statuses seen and every failure; exits 1 on any failure.
-`tests/reliability/test_fuzz.py` runs the same code in-process against the ASGI app, with fewer cases.
+`tests/reliability/test_fuzz.py` runs the same code in-process against the ASGI app, with
+fewer cases.
 """
 
 from __future__ import annotations
