@@ -241,13 +241,16 @@ async def redis_outage(stack: Stack, options: Options, *, fail_closed: bool = Fa
 
     async def fault() -> None:
         await asyncio.sleep(options.duration / 3)
-        window.append(time.monotonic())
         await asyncio.to_thread(stack.redis.stop)
+        # The outage is from the moment the server is gone to the moment it is started
+        # again: a request sent while it was being stopped, or once it answers again, may
+        # rightly be served.
+        window.append(time.monotonic())
         await asyncio.sleep(options.outage / 2)
         ready.append(await readyz())
         await asyncio.sleep(options.outage / 2)
-        await asyncio.to_thread(stack.redis.start)
         window.append(time.monotonic())
+        await asyncio.to_thread(stack.redis.start)
 
         async def ready_again() -> bool:
             return await readyz() == 200
