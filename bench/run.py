@@ -30,14 +30,16 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from statistics import median
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+import psutil
 import psycopg
 import redis
 
@@ -46,7 +48,13 @@ from bench.seed import Dataset, seed
 from taskapp.database.migrations import upgrade_database
 from testing.oidc import AUDIENCE, OIDCProvider, serve_provider
 from testing.pgbouncer import PGBOUNCER, pgbouncer
-from testing.services import free_port, postgres_server, redis_server, scratch_database
+from testing.services import (
+    free_port,
+    postgres_server,
+    redis_server,
+    scratch_database,
+    with_database,
+)
 from testing.standby import streaming_pair
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,6 +103,9 @@ class Result:
     ceiling_share: float | None = None
     # Database reads the read replica answered (--topology standby).
     replica_reads: int = 0
+    # CPU time the server's processes spent per request (user + system, all workers): far
+    # less moved by what else the machine does than req/s.
+    cpu_ms: float | None = None
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -129,7 +140,21 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 100k rows, 5 s per scenario"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="CHECKOUT",
+        help="a second checkout (with its own .venv) to serve the same data beside this one: "
+        "each scenario then alternates between the two, --pairs times, and both are reported",
+    )
+    parser.add_argument("--pairs", type=int, default=2, help="runs of each side (--baseline)")
     args = parser.parse_args(argv)
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        if args.topology != "direct":
+            parser.error("--baseline compares on the direct topology only")
+        if not (args.baseline / ".venv" / "bin" / "python").exists():
+            parser.error(f"{args.baseline} has no .venv (make install there)")
     if args.quick:
         args.rows, args.users, args.duration, args.warmup = 100_000, 1000, 5, 1
     args.owners = args.owners or max(100, args.rows // 100)
@@ -165,14 +190,14 @@ def _metric_sum(text: str, name: str, label: str) -> float:
 class Server:
     """`taskapp serve` in production mode, with its log in `log`."""
 
-    def __init__(self, env: dict[str, str], workers: int, log: Path) -> None:
+    def __init__(self, env: dict[str, str], workers: int, log: Path, checkout: Path = ROOT) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.env = env
         self.log = log
-        command = [sys.executable, "-m", "taskapp.cli", "serve", "--host", "127.0.0.1",
+        command = [_python(checkout), "-m", "taskapp.cli", "serve", "--host", "127.0.0.1",
                    "--port", str(self.port), "--workers", str(workers)]  # fmt: skip
-        self.process = _start(command, {**os.environ, **env}, log)
+        self.process = _start(command, {**os.environ, **env}, log, cwd=checkout)
 
     def wait_ready(self, token: str, expected_total: int) -> bytes:
         """Page 1 of the owner of `token`, once the server answers it."""
@@ -256,10 +281,17 @@ class Ceiling:
         _stop(self.process)
 
 
-def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def _python(checkout: Path) -> str:
+    """The interpreter that runs `checkout`'s taskapp: this one, or that checkout's .venv."""
+    return sys.executable if checkout == ROOT else str(checkout / ".venv" / "bin" / "python")
+
+
+def _start(
+    command: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         command,
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
@@ -314,16 +346,33 @@ def run_wrk(
     return json.loads(line)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` and every process below it, so far."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
 def _run_scenario(
     args: argparse.Namespace, server: Server, scenario: Scenario, users: Path
 ) -> Result:
     if args.warmup:
         run_wrk(args, server.base, scenario.mode, users, args.warmup)
     hits_before, lookups_before, replica_before = server.counts()
+    cpu_before = cpu_seconds(server.process.pid)
     raw = run_wrk(args, server.base, scenario.mode, users, args.duration)
+    cpu_after = cpu_seconds(server.process.pid)
     hits_after, lookups_after, replica_after = server.counts()
     lookups = lookups_after - lookups_before
-    result = _result(scenario, raw)
+    result = _result(scenario, raw, cpu_after - cpu_before)
     result.cache_hit_ratio = (hits_after - hits_before) / lookups if lookups else None
     result.replica_reads = int(replica_after - replica_before)
     return result
@@ -332,10 +381,12 @@ def _run_scenario(
 def _run_ceiling(args: argparse.Namespace, ceiling: Ceiling, users: Path) -> Result:
     if args.warmup:
         run_wrk(args, ceiling.base, CEILING.mode, users, args.warmup)
-    return _result(CEILING, run_wrk(args, ceiling.base, CEILING.mode, users, args.duration))
+    cpu_before = cpu_seconds(ceiling.process.pid)
+    raw = run_wrk(args, ceiling.base, CEILING.mode, users, args.duration)
+    return _result(CEILING, raw, cpu_seconds(ceiling.process.pid) - cpu_before)
 
 
-def _result(scenario: Scenario, raw: Any) -> Result:
+def _result(scenario: Scenario, raw: Any, cpu: float) -> Result:
     return Result(
         scenario=scenario.number,
         name=scenario.name,
@@ -349,6 +400,7 @@ def _result(scenario: Scenario, raw: Any) -> Result:
         errors=sum(raw["errors"].values()),
         error_kinds={k: v for k, v in raw["errors"].items() if v},
         cache_hit_ratio=None,
+        cpu_ms=cpu * 1000 / raw["requests"] if raw["requests"] else None,
     )
 
 
@@ -408,17 +460,75 @@ def machine_facts(database_url: str, redis_url: str) -> dict[str, Any]:
 def _table(results: list[Result]) -> str:
     lines = [
         f"{'#':>2} {'scenario':<47} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
-        f"{'errors':>6} {'share':>6} {'cache hits':>10}"
+        f"{'errors':>6} {'share':>6} {'cache hits':>10} {'CPU ms/req':>10}"
     ]
     for r in results:
         number = "-" if r.scenario == CEILING.number else str(r.scenario)
         share = f"{r.ceiling_share:.2f}" if r.ceiling_share is not None else "-"
         hits = f"{r.cache_hit_ratio:.0%}" if r.cache_hit_ratio is not None else "-"
+        cpu = f"{r.cpu_ms:.3f}" if r.cpu_ms is not None else "-"
         lines.append(
             f"{number:>2} {r.title:<47} {r.rps:>8.0f} {r.p50_ms:>7.1f} {r.p90_ms:>7.1f} "
-            f"{r.p99_ms:>7.1f} {r.errors:>6} {share:>6} {hits:>10}"
+            f"{r.p99_ms:>7.1f} {r.errors:>6} {share:>6} {hits:>10} {cpu:>10}"
         )
     return "\n".join(lines)
+
+
+@dataclass
+class Comparison:
+    """One scenario's runs on this checkout and on the baseline, alternating."""
+
+    scenario: Scenario
+    ours: list[Result] = field(default_factory=list)
+    theirs: list[Result] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        """This checkout's median req/s over the baseline's."""
+        return median(r.rps for r in self.ours) / median(r.rps for r in self.theirs)
+
+    @property
+    def cpu_ratio(self) -> float | None:
+        """This checkout's median CPU time per request over the baseline's."""
+        ours = [r.cpu_ms for r in self.ours if r.cpu_ms]
+        theirs = [r.cpu_ms for r in self.theirs if r.cpu_ms]
+        return median(ours) / median(theirs) if ours and theirs else None
+
+    def summary(self, yardstick: float) -> dict[str, Any]:
+        cpu_ratio = self.cpu_ratio
+        return {
+            "scenario": self.scenario.number,
+            "name": self.scenario.name,
+            "rps": [round(r.rps, 1) for r in self.ours],
+            "baseline_rps": [round(r.rps, 1) for r in self.theirs],
+            "share": round(median(r.rps for r in self.ours) / yardstick, 3),
+            "baseline_share": round(median(r.rps for r in self.theirs) / yardstick, 3),
+            "ratio": round(self.ratio, 3),
+            "cpu_ms": [round(r.cpu_ms, 4) if r.cpu_ms else None for r in self.ours],
+            "baseline_cpu_ms": [round(r.cpu_ms, 4) if r.cpu_ms else None for r in self.theirs],
+            "cpu_ratio": round(cpu_ratio, 3) if cpu_ratio is not None else None,
+        }
+
+
+def _comparison_table(comparisons: list[Comparison], yardstick: float) -> str:
+    rows = []
+    for c in comparisons:
+        summary = c.summary(yardstick)
+        rows.append((
+            f"{c.scenario.number:>2} {c.scenario.title:<42}",
+            "/".join(f"{r:.0f}" for r in summary["rps"]),
+            "/".join(f"{r:.0f}" for r in summary["baseline_rps"]),
+            f"{summary['share']:.2f}", f"{summary['baseline_share']:.2f}", f"{c.ratio:.2f}",
+            "-" if c.cpu_ratio is None else f"{c.cpu_ratio:.2f}",
+        ))  # fmt: skip
+    header = (f"{'#':>2} {'scenario':<42}", "this req/s", "baseline req/s", "share",
+              "baseline", "ratio", "CPU/req ratio")  # fmt: skip
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                  for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+        for row in [header, *rows]
+    )  # fmt: skip
 
 
 TOPOLOGIES = ("direct", "pgbouncer", "standby", "primary")
@@ -501,6 +611,38 @@ def prepare_data(stack: contextlib.ExitStack, work: Path, args: argparse.Namespa
     return Prepared(database_url, async_url, redis_url, dataset, seeded, server_env(database_url))
 
 
+def _page_ids(page: bytes) -> list[str]:
+    return [item["id"] for item in json.loads(page)["items"]]
+
+
+def prepare_baseline(
+    stack: contextlib.ExitStack, work: Path, args: argparse.Namespace, data: Prepared
+) -> Prepared:
+    """A second scratch database on the same server for the baseline checkout: migrated by
+    its own `taskapp migrate` (its schema may differ), seeded with the same data set."""
+    admin_url = with_database(data.database_url, "postgres")
+    database_url = stack.enter_context(scratch_database(admin_url, prefix="taskapp_baseline"))
+    env = {**os.environ, "TASKAPP_DATABASE_URL": _asyncpg(database_url)}
+    subprocess.run(
+        [_python(args.baseline), "-m", "taskapp.cli", "migrate"], env=env, cwd=args.baseline,
+        check=True, capture_output=True,
+    )  # fmt: skip
+    started = time.monotonic()
+    dataset = seed(database_url, rows=args.rows, owners=args.owners)
+    if (dataset.owners, dataset.sizes) != (data.dataset.owners, data.dataset.sizes):
+        sys.exit("bench: the baseline's data set differs")
+    seeded = time.monotonic() - started
+    print(f"seeded the baseline's copy in {seeded:.1f} s")
+    return Prepared(
+        database_url,
+        _asyncpg(database_url),
+        data.redis_url,
+        dataset,
+        seeded,
+        {"TASKAPP_DATABASE_URL": _asyncpg(database_url)},
+    )
+
+
 @dataclass
 class Service:
     """The service under load, its users' tokens and its settings."""
@@ -520,14 +662,21 @@ def start_service(
     args: argparse.Namespace,
     data: Prepared,
     label: str = "bench",
+    *,
+    beside: Service | None = None,
+    checkout: Path = ROOT,
 ) -> Service:
-    """A local OIDC provider, tokens for `args.users` owners, and the server in production
-    mode with `args.workers` workers, ready; all stopped (keys forgotten) by `stack`."""
-    provider = stack.enter_context(contextlib.contextmanager(serve_provider)())
-    users = work / "users.tsv"
-    started = time.monotonic()
-    hot, minted = _users_file(users, provider, data.dataset, args.users)
-    print(f"\nminted tokens for {minted:,} owners in {time.monotonic() - started:.1f} s")
+    """A local OIDC provider, tokens for `args.users` owners, and `checkout`'s server in
+    production mode with `args.workers` workers, ready; all stopped (keys forgotten) by
+    `stack`. `beside`: a service whose provider and tokens this one shares."""
+    if beside is None:
+        provider = stack.enter_context(contextlib.contextmanager(serve_provider)())
+        users = work / "users.tsv"
+        started = time.monotonic()
+        hot, minted = _users_file(users, provider, data.dataset, args.users)
+        print(f"\nminted tokens for {minted:,} owners in {time.monotonic() - started:.1f} s")
+    else:
+        provider, users, hot, minted = beside.provider, beside.users, beside.hot, beside.minted
 
     prefix = f"{label}-{uuid.uuid4().hex[:12]}:"
     env = {
@@ -543,7 +692,7 @@ def start_service(
         "TASKAPP_RATE_LIMIT": "1000000/second",
     }
     env.update(item.split("=", 1) for item in args.env)
-    server = Server(env, args.workers, work / "server.log")
+    server = Server(env, args.workers, work / f"{label}.log", checkout)
     stack.callback(_forget_keys, data.redis_url, prefix)
     stack.callback(server.stop)
     sizes = dict(zip(data.dataset.owners, data.dataset.sizes, strict=True))
@@ -599,6 +748,15 @@ def main(argv: list[str] | None = None) -> int:
 
         service = start_service(stack, work, args, data)
         server, env = service.server, service.env
+        baseline: Service | None = None
+        if args.baseline is not None:
+            baseline_data = prepare_baseline(stack, work, args, data)
+            baseline = start_service(
+                stack, work, args, baseline_data, "baseline", beside=service,
+                checkout=args.baseline,
+            )  # fmt: skip
+            if _page_ids(baseline.page) != _page_ids(service.page):
+                sys.exit("bench: the baseline answers page 1 with other tasks")
         ceiling = start_ceiling(stack, work, args, service)
         print(
             f"\n{args.workers} workers each; wrk -t{args.threads} -c{args.connections}, "
@@ -606,11 +764,13 @@ def main(argv: list[str] | None = None) -> int:
             f"the {len(service.page)} bytes of the hot owner's page 1\n"
         )
         present_tokens(args, service)
+        if baseline is not None:
+            present_tokens(args, baseline)
         users = service.users
 
-        def report(result: Result) -> Result:
+        def report(result: Result, who: str = "") -> Result:
             print(
-                f"  {result.name:<8} {result.rps:8.0f} req/s  "
+                f"  {result.name:<8} {who:<9}{result.rps:8.0f} req/s  "
                 f"p99 {result.p99_ms:6.1f} ms  errors {result.errors}"
                 + (f"  replica reads {result.replica_reads:,}" if result.replica_reads else ""),
                 flush=True,
@@ -618,15 +778,37 @@ def main(argv: list[str] | None = None) -> int:
             return result
 
         first = report(_run_ceiling(args, ceiling, users))
-        results = [report(_run_scenario(args, server, scenario, users)) for scenario in scenarios]
+        results: list[Result] = []
+        comparisons: list[Comparison] = []
+        for scenario in scenarios:
+            if baseline is None:
+                results.append(report(_run_scenario(args, server, scenario, users)))
+                continue
+            # Alternating, and each side first in every other pair (this, baseline, baseline,
+            # this, ...), so that whatever else the machine does, and whatever a run leaves
+            # behind for the next one, falls on both alike.
+            comparison = Comparison(scenario)
+            for pair in range(args.pairs):
+                for side in ("this", "baseline") if pair % 2 == 0 else ("baseline", "this"):
+                    if side == "this":
+                        ours = report(_run_scenario(args, server, scenario, users), side)
+                        comparison.ours.append(ours)
+                    else:
+                        theirs = report(_run_scenario(args, baseline.server, scenario, users), side)
+                        theirs.title += " [baseline]"
+                        comparison.theirs.append(theirs)
+            comparisons.append(comparison)
+            results += comparison.ours + comparison.theirs
         last = report(_run_ceiling(args, ceiling, users))
         yardstick = (first.rps + last.rps) / 2
         for result in results:
             result.ceiling_share = result.rps / yardstick
         first.title, last.title = f"{first.title}, first", f"{last.title}, last"
         results = [first, *results, last]
-        problems = server.problems()
+        problems = server.problems() + (baseline.server.problems() if baseline else [])
         server.stop()
+        if baseline is not None:
+            baseline.server.stop()
         ceiling.stop()
 
         machine = machine_facts(database_url, redis_url)
@@ -636,6 +818,9 @@ def main(argv: list[str] | None = None) -> int:
             f"\nshare: of the ceiling's mean, {yardstick:,.0f} req/s (first and last run "
             f"{abs(first.rps - last.rps) / yardstick:.0%} apart)"
         )
+        if comparisons:
+            print(f"\nThis checkout against {args.baseline} (median of {args.pairs} runs each):")
+            print(_comparison_table(comparisons, yardstick))
         print(
             f"\n{dataset.rows:,} tasks, {len(dataset.owners):,} owners; {machine['cpus']} CPUs "
             f"({machine['cpu']}) shared by wrk, taskapp, PostgreSQL {machine['postgresql']} "
@@ -651,7 +836,8 @@ def main(argv: list[str] | None = None) -> int:
         document = {
             "machine": machine,
             "settings": {
-                k: v for k, v in vars(args).items() if k not in {"env"}
+                k: str(v) if isinstance(v, Path) else v
+                for k, v in vars(args).items() if k not in {"env"}
             } | {"server_env": shareable_env(env)},
             "dataset": {"rows": dataset.rows, "owners": len(dataset.owners),
                         "largest_owner": max(dataset.sizes),
@@ -659,6 +845,8 @@ def main(argv: list[str] | None = None) -> int:
             "plans": [asdict(plan) | {"ok": plan.ok} for plan in plans],
             "ceiling_rps": round(yardstick, 1),
             "results": [asdict(r) for r in results],
+            "baseline": str(args.baseline) if args.baseline else None,
+            "comparison": [c.summary(yardstick) for c in comparisons],
             "server_log_problems": problems[:20],
         }  # fmt: skip
         out.write_text(json.dumps(document, indent=2) + "\n")
