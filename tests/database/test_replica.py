@@ -287,6 +287,14 @@ async def test_write_times_have_no_expiry_and_the_clock_never_goes_back(
 ) -> None:
     app = _app(make_settings, streaming, replica_check_interval=60)
     async with running(app) as client:
+        replica = app_state(app).replica
+        assert replica is not None
+
+        async def first_sample_taken() -> bool:
+            return bool(replica._samples) or replica._replayed_to > 0
+
+        # The replica's first check reads the clock too; the next is a minute away.
+        await eventually(first_sample_taken, "the replica's first sample", 5, 0.02)
         cache: ResponseCache = app_state(app).cache
         ahead = await cache.now() + 3_600_000_000  # as if the server's clock had gone back 1 h
         await cache._redis.set(cache._clock_key, ahead)
