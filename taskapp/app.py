@@ -152,7 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ],
             max_age=600,
         )
-    app.add_middleware(HTTPMetricsMiddleware)
+    app.add_middleware(HTTPMetricsMiddleware, access_log=settings.logs_requests)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     app.include_router(system_router)

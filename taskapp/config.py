@@ -328,6 +328,10 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # "json" (one object per line) or "text"; default: json in production, text otherwise.
     log_format: Literal["json", "text"] | None = None
+    # One INFO line per request (logger `taskapp.access`); default: on, but off in
+    # production, where the metrics count every request and a line each costs a request a
+    # good share of its time. Errors are logged either way.
+    access_log: bool | None = None
     # A static bearer token that may read /metrics (for a Prometheus server without OIDC).
     metrics_token: SecretStr | None = None
     # /docs and /openapi.json; false removes both.
@@ -379,6 +383,10 @@ class Settings(BaseSettings):
     @property
     def is_production(self) -> bool:
         return self.env is Environment.PRODUCTION
+
+    @property
+    def logs_requests(self) -> bool:
+        return self.access_log if self.access_log is not None else not self.is_production
 
     @property
     def json_logs(self) -> bool:

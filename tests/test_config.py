@@ -62,6 +62,19 @@ def test_dev_is_the_default_and_needs_nothing() -> None:
     assert settings.database.url is None
 
 
+def test_requests_are_logged_by_default_but_in_production(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load().logs_requests
+    set_production(monkeypatch)
+    assert not load().logs_requests
+    monkeypatch.setenv("TASKAPP_ACCESS_LOG", "true")
+    assert load().logs_requests
+    monkeypatch.setenv("TASKAPP_ENV", "dev")
+    monkeypatch.setenv("TASKAPP_ACCESS_LOG", "false")
+    assert not load().logs_requests
+
+
 def test_production_requires_an_issuer(monkeypatch: pytest.MonkeyPatch) -> None:
     set_production(monkeypatch, TASKAPP_OIDC_ISSUER=None)
     with pytest.raises(ValidationError, match="TASKAPP_OIDC_ISSUER"):

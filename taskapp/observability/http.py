@@ -16,8 +16,11 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 
 class HTTPMetricsMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    """Counts and times every request by route; with `access_log`, also logs a line each."""
+
+    def __init__(self, app: ASGIApp, *, access_log: bool = True) -> None:
         self.app = app
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -40,21 +43,22 @@ class HTTPMetricsMiddleware:
             method = scope["method"] if scope["method"] in _METHODS else "OTHER"
             HTTP_REQUESTS.labels(method, route, str(status)).inc()
             HTTP_REQUEST_DURATION.labels(method, route).observe(duration)
-            access_log.info(
-                "%s %s %s %.1fms",
-                method,
-                route,
-                status,
-                duration * 1000,
-                extra={
-                    "method": method,
-                    "route": route,
-                    "path": scope["path"],
-                    "status": status,
-                    "duration_ms": round(duration * 1000, 2),
-                    "subject": _subject(scope),
-                },
-            )
+            if self.access_log:
+                access_log.info(
+                    "%s %s %s %.1fms",
+                    method,
+                    route,
+                    status,
+                    duration * 1000,
+                    extra={
+                        "method": method,
+                        "route": route,
+                        "path": scope["path"],
+                        "status": status,
+                        "duration_ms": round(duration * 1000, 2),
+                        "subject": _subject(scope),
+                    },
+                )
 
 
 def _subject(scope: Scope) -> str | None:

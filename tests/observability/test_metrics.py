@@ -213,6 +213,20 @@ async def test_each_request_has_one_access_record(
     assert fields["duration_ms"] >= 0
 
 
+async def test_no_access_record_when_the_access_log_is_off(
+    make_settings: SettingsFactory, oidc: OIDCProvider, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level("DEBUG", logger="taskapp.access")
+    async with running(create_app(make_settings(access_log=False))) as client:
+        response = await client.get("/tasks", headers=oidc.auth("alice"))
+        scrape = await client.get("/metrics", headers=oidc.auth("alice"))
+    assert response.status_code == 200
+    assert not [r for r in caplog.records if r.name == "taskapp.access"]
+    # The request is still counted.
+    counted = samples(scrape.text, "http_requests_total", method="GET", route="/tasks")
+    assert counted >= 1
+
+
 def test_live_gauges_of_dead_workers_are_forgotten(tmp_path: Path):
     dead = subprocess.Popen(["true"])
     dead.wait()
