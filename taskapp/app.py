@@ -27,6 +27,7 @@ from taskapp.errors import (
 )
 from taskapp.http.body_limit import BodySizeLimitMiddleware
 from taskapp.http.requestid import RequestIdMiddleware
+from taskapp.http.routing import LeanRoutes, lean_routes
 from taskapp.http.security_headers import SecurityHeadersMiddleware
 from taskapp.observability.http import HTTPMetricsMiddleware
 from taskapp.observability.logging import configure_logging
@@ -131,6 +132,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # id covers everything else; then the metrics and access log, CORS, who the caller is,
     # their rate limit (before the body cap, so even a 413 is counted and carries the
     # RateLimit-* headers), and the body cap. Starlette runs the last added first.
+    # The reads the cache answers most are served without FastAPI's request machinery
+    # (taskapp.http.routing); the rest, and the OpenAPI document, by FastAPI.
+    app.add_middleware(LeanRoutes, routes=lean_routes(system_router, tasks_router))
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RateLimitMiddleware, settings=settings.ratelimit, limiter=_limiter)
     app.add_middleware(AuthenticationMiddleware, verifier=_verifier)

@@ -223,30 +223,32 @@ _HTTP_ERRORS: dict[int, type[AppError]] = {
 }
 
 
-async def _app_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, AppError)
-    if exc.status_code >= 500:
-        logger.warning("%s: %s (%r)", exc.code, exc.detail, exc.__cause__)
-    return exc.response()
+def answer_to(exc: Exception) -> JSONResponse | None:
+    """The response to an expected failure (an `AppError`, invalid input, or one of
+    Starlette's HTTP errors); None for anything else, which is a bug."""
+    if isinstance(exc, AppError):
+        if exc.status_code >= 500:
+            logger.warning("%s: %s (%r)", exc.code, exc.detail, exc.__cause__)
+        return exc.response()
+    if isinstance(exc, RequestValidationError):
+        # Only loc/msg/type: echoing the input could return megabytes, secrets or raw bytes.
+        errors = [
+            {"loc": list(error["loc"]), "msg": str(error["msg"]), "type": error["type"]}
+            for error in exc.errors()
+        ]
+        return error_response(422, errors, ValidationFailed.code)
+    if isinstance(exc, StarletteHTTPException):
+        kind = _HTTP_ERRORS.get(exc.status_code, AppError)
+        return error_response(exc.status_code, exc.detail, kind.code, exc.headers)
+    return None
 
 
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StarletteHTTPException)
-    kind = _HTTP_ERRORS.get(exc.status_code, AppError)
-    return error_response(exc.status_code, exc.detail, kind.code, exc.headers)
-
-
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    # Only loc/msg/type: echoing the input could return megabytes, secrets or raw bytes.
-    errors = [
-        {"loc": list(error["loc"]), "msg": str(error["msg"]), "type": error["type"]}
-        for error in exc.errors()
-    ]
-    return error_response(422, errors, ValidationFailed.code)
+async def _handler(request: Request, exc: Exception) -> JSONResponse:
+    response = answer_to(exc)
+    assert response is not None  # registered only for the kinds answer_to answers
+    return response
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(AppError, _app_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    for kind in (AppError, StarletteHTTPException, RequestValidationError):
+        app.add_exception_handler(kind, _handler)

@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from taskapp.auth.middleware import authentication
 from taskapp.auth.principal import Principal, Role
 from taskapp.errors import ForbiddenError
+from taskapp.http.routing import resolves_from_request
 
 bearer_scheme = HTTPBearer(
     auto_error=False,
@@ -51,6 +52,7 @@ def require_role(*roles: Role) -> Callable[[Principal], Awaitable[Principal]]:
     """A dependency that admits callers holding any of `roles`, and 403s the rest."""
     allowed = frozenset(roles)
 
+    @resolves_from_request(lambda request: ensure_role(request_principal(request), allowed))
     async def check(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
         return ensure_role(principal, allowed)
 

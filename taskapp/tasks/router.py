@@ -12,6 +12,7 @@ from taskapp.database.outages import OutcomeUnknownError
 from taskapp.dependencies import API_ERRORS
 from taskapp.errors import BadRequestError, error_responses
 from taskapp.http.responses import json_bytes
+from taskapp.http.routing import lean_get
 from taskapp.tasks.errors import TaskNotFoundError
 from taskapp.tasks.models import TaskStatus
 from taskapp.tasks.schemas import Owner, TaskCreate, TaskPage, TaskRead, TaskUpdate
@@ -41,7 +42,7 @@ async def create_task(
     return json_bytes(await service.create(principal, body), status.HTTP_201_CREATED)
 
 
-@router.get("", response_model=TaskPage, responses=_READ)
+@lean_get(router, "", response_model=TaskPage, responses=_READ)
 async def list_tasks(
     principal: UserPrincipal,
     reader: TaskReaderDep,
@@ -59,7 +60,7 @@ async def list_tasks(
     return json_bytes(body)
 
 
-@router.get("/{task_id}", response_model=TaskRead, responses=_READ_ONE)
+@lean_get(router, "/{task_id}", response_model=TaskRead, responses=_READ_ONE)
 async def get_task(task_id: uuid.UUID, principal: UserPrincipal, reader: TaskReaderDep) -> Response:
     """Read one task."""
     return json_bytes(await reader.get(principal, task_id))

@@ -1,0 +1,211 @@
+"""Routes answered without FastAPI's per-request machinery, with FastAPI's semantics.
+
+FastAPI answers every request through a general solver (a dependency graph with caching and
+security scopes, every kind of parameter, its own middleware and exit stacks): for a read
+the response cache answers, that was the larger part of the request's time. A `LeanRoute`
+is an ordinary FastAPI route (FastAPI documents it, and would serve it the same way) whose
+parameters are of the few kinds resolved here directly, in FastAPI's order and with its
+validation and error shapes: dependencies that resolve from the request alone, then path
+and query parameters, each validated by FastAPI's own field for it. `LeanRoutes`, an ASGI
+middleware in front of FastAPI, serves what those routes match and hands the rest on.
+
+A route whose parameters are of another kind (a body, headers, cookies, sub-dependencies
+that need FastAPI) is refused when it is declared, not served differently.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from copy import deepcopy
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request, Response
+from fastapi._compat import ModelField
+from fastapi._compat.shared import field_annotation_is_sequence
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from starlette.routing import Match
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from taskapp.errors import answer_to
+
+# What resolves a dependency from the request alone (sync, or awaitable).
+RequestResolver = Callable[[Request], Any]
+D = TypeVar("D", bound=Callable[..., Any])
+_RESOLVER = "resolve_request"
+
+
+def resolves_from_request(resolver: RequestResolver) -> Callable[[D], D]:
+    """Marks a FastAPI dependency as equivalent to `resolver(request)`: what a `LeanRoute`
+    calls instead of the dependency's own graph (e.g. a role check over the principal)."""
+
+    def mark(dependency: D) -> D:
+        setattr(dependency, _RESOLVER, resolver)
+        return dependency
+
+    return mark
+
+
+class LeanRoute(APIRoute):
+    """An APIRoute that `LeanRoutes` serves directly (see the module)."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        self.invoke = _compile(self)
+
+
+def lean_get(
+    router: APIRouter, path: str, **options: Any
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`@router.get(path, **options)`, as a `LeanRoute`."""
+
+    def add(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+        router.add_api_route(
+            path, endpoint, methods=["GET"], route_class_override=LeanRoute, **options
+        )
+        return endpoint
+
+    return add
+
+
+def lean_routes(*routers: APIRouter) -> list[LeanRoute]:
+    """The lean routes of `routers`, in their order."""
+    return [route for router in routers for route in router.routes if isinstance(route, LeanRoute)]
+
+
+class LeanRoutes:
+    """Serves the requests that `routes` match (method and path); hands every other to `app`.
+
+    Errors are answered as the application's exception handlers answer them; anything else
+    propagates, as it would out of FastAPI, to the error boundary outside.
+    """
+
+    def __init__(self, app: ASGIApp, routes: Sequence[LeanRoute]) -> None:
+        self.app = app
+        self.routes = list(routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            method = scope["method"]
+            for route in self.routes:
+                if route.methods and method not in route.methods:
+                    continue
+                match, child_scope = route.matches(scope)
+                if match is Match.FULL:
+                    scope.update(child_scope)
+                    await self._serve(route, scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _serve(route: LeanRoute, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            response = await route.invoke(Request(scope, receive))
+        except Exception as exc:
+            answer = answer_to(exc)
+            if answer is None:
+                raise
+            response = answer
+        await response(scope, receive, send)
+
+
+_Invoke = Callable[[Request], Awaitable[Response]]
+
+
+def _compile(route: APIRoute) -> _Invoke:
+    """The route's endpoint, called with its parameters resolved as FastAPI resolves them."""
+    dependant = route.dependant
+    name = f"{route.path} ({route.name})"
+    if (
+        route.body_field is not None
+        or dependant.header_params
+        or dependant.cookie_params
+        or dependant.body_params
+        or dependant.websocket_param_name
+        or dependant.http_connection_param_name
+        or dependant.response_param_name
+        or dependant.background_tasks_param_name
+        or dependant.security_scopes_param_name
+    ):
+        raise TypeError(f"{name}: only dependencies, path and query parameters are served lean")
+    if not inspect.iscoroutinefunction(dependant.call):
+        raise TypeError(f"{name}: the endpoint must be a coroutine function")
+    dependencies = [_dependency(name, sub) for sub in dependant.dependencies]
+    # (where, the name it is read by, its field)
+    fields: list[tuple[str, str, ModelField]] = []
+    for where, params in (("path", dependant.path_params), ("query", dependant.query_params)):
+        for field in params:
+            alias = field.field_info.validation_alias or field.alias
+            if not isinstance(alias, str):
+                raise TypeError(f"{name}: {where} parameter {field.name} has an alias choice")
+            if field_annotation_is_sequence(field.field_info.annotation):
+                raise TypeError(f"{name}: {where} parameter {field.name} is a sequence")
+            fields.append((where, alias, field))
+    request_param = dependant.request_param_name
+    endpoint = dependant.call
+    assert endpoint is not None
+
+    async def invoke(request: Request) -> Response:
+        values: dict[str, Any] = {}
+        # Dependencies first, as FastAPI solves them: their errors (401, 403) come first.
+        for param, resolve in dependencies:
+            value = resolve(request)
+            values[param] = await value if inspect.isawaitable(value) else value
+        errors: list[Any] = []
+        path_params = request.path_params
+        query_params = request.query_params
+        for where, key, field in fields:
+            source = path_params if where == "path" else query_params
+            value = source.get(key)
+            loc = (where, key)
+            if value is None:
+                if field.field_info.is_required():
+                    errors.append({"type": "missing", "loc": loc, "msg": "Field required"})
+                    continue
+                value = deepcopy(field.default)
+                if not field.field_info.validate_default:
+                    values[field.name] = value
+                    continue
+            validated, problems = field.validate(value, values, loc=loc)
+            if problems:
+                errors.extend(problems)
+            else:
+                values[field.name] = validated
+        if errors:
+            raise RequestValidationError(errors)
+        if request_param is not None:
+            values[request_param] = request
+        response = await endpoint(**values)
+        if not isinstance(response, Response):
+            raise TypeError(f"{name}: a lean endpoint answers with a Response")
+        return response
+
+    return invoke
+
+
+def _dependency(route: str, sub: Any) -> tuple[str, RequestResolver]:
+    """(parameter, resolver) of a dependency a lean route can resolve from the request."""
+    resolver = getattr(sub.call, _RESOLVER, None)
+    if resolver is not None:
+        return sub.name, resolver
+    takes_only_the_request = (
+        sub.request_param_name is not None
+        and not sub.dependencies
+        and not sub.path_params
+        and not sub.query_params
+        and not sub.header_params
+        and not sub.cookie_params
+        and not sub.body_params
+    )
+    if not takes_only_the_request or not inspect.iscoroutinefunction(sub.call):
+        raise TypeError(
+            f"{route}: dependency {sub.name} must be `async def f(request: Request)` "
+            "or marked with resolves_from_request"
+        )
+    call, param = sub.call, sub.request_param_name
+
+    def resolve(request: Request) -> Any:
+        return call(**{param: request})
+
+    return sub.name, resolve
