@@ -20,6 +20,7 @@ from taskapp.observability.metrics import (
     DB_POOL_OVERFLOW,
     DB_POOL_SIZE,
     DB_QUERY_LATENCY,
+    Labelled,
     db_up,
 )
 
@@ -35,6 +36,9 @@ def operation(statement: str) -> str:
     """The kind of a statement: select, insert, update, delete or other (bounded labels)."""
     word = statement.lstrip().split(None, 1)[0].lower() if statement.strip() else ""
     return word if word in _OPERATIONS else "other"
+
+
+_LATENCY = Labelled(DB_QUERY_LATENCY)
 
 
 def instrument(engine: AsyncEngine) -> None:
@@ -54,7 +58,7 @@ def instrument(engine: AsyncEngine) -> None:
     ) -> None:
         started = getattr(context, "_taskapp_started", None)
         if started is not None:
-            DB_QUERY_LATENCY.labels(operation(statement)).observe(time.perf_counter() - started)
+            _LATENCY(operation(statement)).observe(time.perf_counter() - started)
 
     @event.listens_for(sync_engine, "handle_error")
     def _failed(context: ExceptionContext) -> None:

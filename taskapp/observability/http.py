@@ -8,9 +8,11 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from taskapp.auth.middleware import principal_of
-from taskapp.observability.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
+from taskapp.observability.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS, Labelled
 
 access_log = logging.getLogger("taskapp.access")
+_REQUESTS = Labelled(HTTP_REQUESTS)
+_DURATION = Labelled(HTTP_REQUEST_DURATION)
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -41,8 +43,8 @@ class HTTPMetricsMiddleware:
             duration = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             method = scope["method"] if scope["method"] in _METHODS else "OTHER"
-            HTTP_REQUESTS.labels(method, route, str(status)).inc()
-            HTTP_REQUEST_DURATION.labels(method, route).observe(duration)
+            _REQUESTS(method, route, str(status)).inc()
+            _DURATION(method, route).observe(duration)
             if self.access_log:
                 access_log.info(
                     "%s %s %s %.1fms",

@@ -7,9 +7,11 @@ from typing import Any
 
 from taskapp.config import Rate
 from taskapp.errors import AppError, ServiceUnavailableError
-from taskapp.observability.metrics import RATE_LIMIT_DECISIONS, RATE_LIMIT_ERRORS
+from taskapp.observability.metrics import RATE_LIMIT_DECISIONS, RATE_LIMIT_ERRORS, Labelled
 from taskapp.ratelimit.limiter import Decision, RateLimiter, decision, gcra_arguments
 from taskapp.redis.client import REDIS_FAILURES, RedisBreaker
+
+_DECISIONS = Labelled(RATE_LIMIT_DECISIONS)
 
 
 class RateLimitedError(AppError):
@@ -112,4 +114,4 @@ class RateLimitCheck:
     def _decided(self, decided: Decision) -> None:
         self.decision = decided
         self.settled = True
-        RATE_LIMIT_DECISIONS.labels(self.kind, "allowed" if decided.allowed else "limited").inc()
+        _DECISIONS(self.kind, "allowed" if decided.allowed else "limited").inc()

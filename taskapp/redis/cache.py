@@ -35,11 +35,12 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 
 from taskapp.config import CacheSettings
-from taskapp.observability.metrics import CACHE_ERRORS, CACHE_REQUESTS
+from taskapp.observability.metrics import CACHE_ERRORS, CACHE_REQUESTS, Labelled
 from taskapp.redis.client import REDIS_FAILURES, RedisBreaker
 from taskapp.redis.scripts import source
 
 logger = logging.getLogger(__name__)
+_LOOKUPS = Labelled(CACHE_REQUESTS)
 
 
 # The time of the last write to what a load reads, when the cache could not tell: later than
@@ -127,7 +128,7 @@ class ResponseCache:
         if not self._settings.enabled:
             return await load(await self._last_write(view))
         if not self._available():
-            CACHE_REQUESTS.labels("bypass").inc()
+            _LOOKUPS("bypass").inc()
             return await load(UNKNOWN)
         if rider is not None and rider.settled:
             rider = None
@@ -156,14 +157,14 @@ class ResponseCache:
         except _Unavailable as exc:
             if rider is not None:
                 rider.failed(exc.__cause__)
-            CACHE_REQUESTS.labels("bypass").inc()
+            _LOOKUPS("bypass").inc()
             return await load(UNKNOWN)  # a rider failing closed refuses before the database
         if rider is not None:
             rider.admit(found[3])
         if found[1] is not None:
-            CACHE_REQUESTS.labels("hit").inc()
+            _LOOKUPS("hit").inc()
             return bytes(found[1])
-        CACHE_REQUESTS.labels("miss").inc()
+        _LOOKUPS("miss").inc()
         fill = _Fill(found[0].decode(), token, locked=found[2] == b"locked")
         written_at = int(found[4])
         return await self._single_flight(fill, lambda: load(written_at))
@@ -328,7 +329,7 @@ class ResponseCache:
             await asyncio.sleep(0.01)
             value = await self._call("wait", self._redis.get(entry_key))
             if value is not None:
-                CACHE_REQUESTS.labels("hit").inc()
+                _LOOKUPS("hit").inc()
                 return bytes(value)
         return None
 
