@@ -6,9 +6,11 @@ with the request id and its 500 response still carries the `X-Request-ID` header
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import re
-import uuid
+import secrets
 from contextvars import ContextVar
 
 from starlette.datastructures import MutableHeaders
@@ -27,6 +29,26 @@ def current_request_id() -> str | None:
     return _request_id.get()
 
 
+class _Ids:
+    """Request ids: 64 random bits per process, then a counter. Unique, not secret (a
+    uuid4 each read the OS's random source on every request)."""
+
+    def __init__(self) -> None:
+        self.renew()
+        # A forked child would otherwise hand out its parent's ids again.
+        os.register_at_fork(after_in_child=self.renew)
+
+    def renew(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._count = itertools.count()
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._count):016x}"
+
+
+new_request_id = _Ids().next
+
+
 class RequestIdMiddleware:
     """Pure ASGI middleware (no BaseHTTPMiddleware overhead on every request)."""
 
@@ -43,7 +65,7 @@ class RequestIdMiddleware:
                 incoming = value.decode("latin-1")
                 break
         # A client-supplied id ends up in logs: accept only a short, plain token.
-        request_id = incoming if incoming and _SAFE_ID.match(incoming) else uuid.uuid4().hex
+        request_id = incoming if incoming and _SAFE_ID.match(incoming) else new_request_id()
         token = _request_id.set(request_id)
         response_started = False
 
