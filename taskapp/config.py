@@ -51,8 +51,12 @@ class DatabaseSettings(BaseSettings):
     model_config = _group("TASKAPP_DATABASE_")
 
     url: SecretStr | None = None
-    pool_size: Annotated[int, Field(ge=1, le=500)] = 10
-    max_overflow: Annotated[int, Field(ge=0, le=500)] = 10
+    # Connections each process keeps open, and how many more it may open under a burst. An
+    # overflow connection is closed as soon as it is given back, so load that stays above
+    # the pool size opens a new connection for many requests (a server process forked, its
+    # statements prepared again): size the pool for the steady load.
+    pool_size: Annotated[int, Field(ge=1, le=500)] = 20
+    max_overflow: Annotated[int, Field(ge=0, le=500)] = 0
     # Seconds a request waits for a free connection before it gets a 503.
     pool_timeout: Annotated[float, Field(gt=0, le=120)] = 5.0
     pool_recycle: Annotated[int, Field(ge=-1)] = 1800
