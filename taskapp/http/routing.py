@@ -5,26 +5,33 @@ security scopes, every kind of parameter, its own middleware and exit stacks): f
 the response cache answers, that was the larger part of the request's time. A `LeanRoute`
 is an ordinary FastAPI route (FastAPI documents it, and would serve it the same way) whose
 parameters are of the few kinds resolved here directly, in FastAPI's order and with its
-validation and error shapes: dependencies that resolve from the request alone, then path
-and query parameters, each validated by FastAPI's own field for it. `LeanRoutes`, an ASGI
-middleware in front of FastAPI, serves what those routes match and hands the rest on.
+validation and error shapes: the JSON body read first (strict about its content type, as
+FastAPI is by default), then dependencies that resolve from the request alone, then path
+and query parameters and the body, each validated by FastAPI's own field for it.
+`LeanRoutes`, an ASGI middleware in front of FastAPI, serves what those routes match and
+hands the rest on.
 
-A route whose parameters are of another kind (a body, headers, cookies, sub-dependencies
-that need FastAPI) is refused when it is declared, not served differently.
+A route whose parameters are of another kind (forms, several or embedded body fields,
+headers, cookies, sub-dependencies that need FastAPI) is refused when it is declared, not
+served differently.
 """
 
 from __future__ import annotations
 
+import email.message
 import inspect
+import json
 from collections.abc import Awaitable, Callable, Sequence
 from copy import deepcopy
+from functools import lru_cache
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request, Response, params
 from fastapi._compat import ModelField
 from fastapi._compat.shared import field_annotation_is_sequence
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -55,14 +62,14 @@ class LeanRoute(APIRoute):
         self.invoke = _compile(self)
 
 
-def lean_get(
-    router: APIRouter, path: str, **options: Any
+def lean_route(
+    router: APIRouter, method: str, path: str, **options: Any
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """`@router.get(path, **options)`, as a `LeanRoute`."""
+    """`@router.<method>(path, **options)`, as a `LeanRoute`."""
 
     def add(endpoint: Callable[..., Any]) -> Callable[..., Any]:
         router.add_api_route(
-            path, endpoint, methods=["GET"], route_class_override=LeanRoute, **options
+            path, endpoint, methods=[method], route_class_override=LeanRoute, **options
         )
         return endpoint
 
@@ -117,25 +124,33 @@ def _compile(route: APIRoute) -> _Invoke:
     """The route's endpoint, called with its parameters resolved as FastAPI resolves them."""
     dependant = route.dependant
     name = f"{route.path} ({route.name})"
+    body_field = route.body_field
+    if body_field is not None and (
+        len(dependant.body_params) != 1
+        or route._embed_body_fields
+        or isinstance(body_field.field_info, params.Form)
+        or route.strict_content_type is False
+    ):
+        raise TypeError(f"{name}: only one JSON body, not embedded, is served lean")
     if (
-        route.body_field is not None
-        or dependant.header_params
+        dependant.header_params
         or dependant.cookie_params
-        or dependant.body_params
         or dependant.websocket_param_name
         or dependant.http_connection_param_name
         or dependant.response_param_name
         or dependant.background_tasks_param_name
         or dependant.security_scopes_param_name
     ):
-        raise TypeError(f"{name}: only dependencies, path and query parameters are served lean")
+        raise TypeError(
+            f"{name}: only dependencies, path and query parameters and a body are served lean"
+        )
     if not inspect.iscoroutinefunction(dependant.call):
         raise TypeError(f"{name}: the endpoint must be a coroutine function")
     dependencies = [_dependency(name, sub) for sub in dependant.dependencies]
     # (where, the name it is read by, its field)
     fields: list[tuple[str, str, ModelField]] = []
-    for where, params in (("path", dependant.path_params), ("query", dependant.query_params)):
-        for field in params:
+    for where, declared in (("path", dependant.path_params), ("query", dependant.query_params)):
+        for field in declared:
             alias = field.field_info.validation_alias or field.alias
             if not isinstance(alias, str):
                 raise TypeError(f"{name}: {where} parameter {field.name} has an alias choice")
@@ -148,7 +163,10 @@ def _compile(route: APIRoute) -> _Invoke:
 
     async def invoke(request: Request) -> Response:
         values: dict[str, Any] = {}
-        # Dependencies first, as FastAPI solves them: their errors (401, 403) come first.
+        # The body is read before anything else, as FastAPI reads it: a body that is not
+        # JSON is refused before the caller's token is looked at.
+        body = await _json_body(request) if body_field is not None else _MISSING
+        # Dependencies next: their errors (401, 403) come before those of the input.
         for param, resolve in dependencies:
             value = resolve(request)
             values[param] = await value if inspect.isawaitable(value) else value
@@ -157,21 +175,10 @@ def _compile(route: APIRoute) -> _Invoke:
         query_params = request.query_params
         for where, key, field in fields:
             source = path_params if where == "path" else query_params
-            value = source.get(key)
-            loc = (where, key)
-            if value is None:
-                if field.field_info.is_required():
-                    errors.append({"type": "missing", "loc": loc, "msg": "Field required"})
-                    continue
-                value = deepcopy(field.default)
-                if not field.field_info.validate_default:
-                    values[field.name] = value
-                    continue
-            validated, problems = field.validate(value, values, loc=loc)
-            if problems:
-                errors.extend(problems)
-            else:
-                values[field.name] = validated
+            value = source.get(key, _MISSING)
+            _validate(field, value, (where, key), values, errors)
+        if body_field is not None:
+            _validate(body_field, body, ("body",), values, errors)
         if errors:
             raise RequestValidationError(errors)
         if request_param is not None:
@@ -182,6 +189,63 @@ def _compile(route: APIRoute) -> _Invoke:
         return response
 
     return invoke
+
+
+# A parameter the request does not carry (None is a value: a JSON body may be `null`).
+_MISSING: Any = object()
+
+
+def _validate(
+    field: ModelField,
+    value: Any,
+    loc: tuple[str, ...],
+    values: dict[str, Any],
+    errors: list[Any],
+) -> None:
+    """Validate one parameter as FastAPI does, into `values` or `errors`."""
+    if value is _MISSING:
+        if field.field_info.is_required():
+            errors.append({"type": "missing", "loc": loc, "msg": "Field required"})
+            return
+        value = deepcopy(field.default)
+        if not field.field_info.validate_default:
+            values[field.name] = value
+            return
+    validated, problems = field.validate(value, values, loc=loc)
+    if problems:
+        errors.extend(problems)
+    else:
+        values[field.name] = validated
+
+
+async def _json_body(request: Request) -> Any:
+    """The request's body as FastAPI reads it: JSON when its content type says so, else the
+    raw bytes (which then fail validation); `_MISSING` when there is none."""
+    try:
+        raw = await request.body()
+        if not raw:
+            return _MISSING
+        content_type = request.headers.get("content-type")
+        if content_type and _is_json(content_type):
+            return json.loads(raw)
+        return raw
+    except json.JSONDecodeError as exc:
+        error = {"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error"}
+        raise RequestValidationError([error]) from exc
+    except HTTPException:
+        raise  # the body cap's 413
+    except Exception as exc:
+        raise HTTPException(400, "There was an error parsing the body") from exc
+
+
+@lru_cache(maxsize=256)
+def _is_json(content_type: str) -> bool:
+    message = email.message.Message()
+    message["content-type"] = content_type
+    if message.get_content_maintype() != "application":
+        return False
+    subtype = message.get_content_subtype()
+    return subtype == "json" or subtype.endswith("+json")
 
 
 def _dependency(route: str, sub: Any) -> tuple[str, RequestResolver]:

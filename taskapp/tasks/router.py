@@ -12,7 +12,7 @@ from taskapp.database.outages import OutcomeUnknownError
 from taskapp.dependencies import API_ERRORS
 from taskapp.errors import BadRequestError, error_responses
 from taskapp.http.responses import json_bytes
-from taskapp.http.routing import lean_get
+from taskapp.http.routing import lean_route
 from taskapp.tasks.errors import TaskNotFoundError
 from taskapp.tasks.models import TaskStatus
 from taskapp.tasks.schemas import Owner, TaskCreate, TaskPage, TaskRead, TaskUpdate
@@ -29,7 +29,9 @@ router = APIRouter(prefix="/tasks", tags=["tasks"])
 MAX_PAGE = 1_000_000
 
 
-@router.post(
+@lean_route(
+    router,
+    "POST",
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=TaskRead,
@@ -42,7 +44,7 @@ async def create_task(
     return json_bytes(await service.create(principal, body), status.HTTP_201_CREATED)
 
 
-@lean_get(router, "", response_model=TaskPage, responses=_READ)
+@lean_route(router, "GET", "", response_model=TaskPage, responses=_READ)
 async def list_tasks(
     principal: UserPrincipal,
     reader: TaskReaderDep,
@@ -60,13 +62,13 @@ async def list_tasks(
     return json_bytes(body)
 
 
-@lean_get(router, "/{task_id}", response_model=TaskRead, responses=_READ_ONE)
+@lean_route(router, "GET", "/{task_id}", response_model=TaskRead, responses=_READ_ONE)
 async def get_task(task_id: uuid.UUID, principal: UserPrincipal, reader: TaskReaderDep) -> Response:
     """Read one task."""
     return json_bytes(await reader.get(principal, task_id))
 
 
-@router.patch("/{task_id}", response_model=TaskRead, responses=_CHANGE)
+@lean_route(router, "PATCH", "/{task_id}", response_model=TaskRead, responses=_CHANGE)
 async def update_task(
     task_id: uuid.UUID, body: TaskUpdate, principal: UserPrincipal, service: TaskServiceDep
 ) -> Response:
@@ -74,7 +76,9 @@ async def update_task(
     return json_bytes(await service.update(principal, task_id, body))
 
 
-@router.delete("/{task_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_DELETE)
+@lean_route(
+    router, "DELETE", "/{task_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_DELETE
+)
 async def delete_task(
     task_id: uuid.UUID, principal: AdminPrincipal, service: TaskServiceDep
 ) -> Response:

@@ -6,6 +6,7 @@ routes are left to FastAPI; every answer must be the same, status, body and head
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
@@ -20,7 +21,7 @@ from starlette.middleware import Middleware
 
 from taskapp.app import create_app
 from taskapp.auth.dependencies import bearer_scheme
-from taskapp.http.routing import LeanRoute, LeanRoutes, lean_get, lean_routes
+from taskapp.http.routing import LeanRoute, LeanRoutes, lean_route, lean_routes
 from testing.oidc import OIDCProvider
 from tests.conftest import SettingsFactory, running
 
@@ -49,16 +50,12 @@ async def clients(
         yield lean_client, plain_client
 
 
-@pytest.fixture(scope="module")
-async def tasks(
-    clients: tuple[httpx.AsyncClient, httpx.AsyncClient], oidc: OIDCProvider
-) -> list[str]:
-    """Tasks of two owners, made through the API."""
-    lean, _ = clients
+async def _make_tasks(client: httpx.AsyncClient, oidc: OIDCProvider, *owners: str) -> list[str]:
+    """Twelve tasks of each owner, every other one completed."""
     made = []
-    for owner in ("routing-alice", "routing-bob"):
+    for owner in owners:
         for number in range(12):
-            response = await lean.post(
+            response = await client.post(
                 "/tasks",
                 json={"title": f"{owner} {number}", "status": ("pending", "completed")[number % 2]},
                 headers=oidc.auth(owner),
@@ -66,6 +63,14 @@ async def tasks(
             assert response.status_code == 201
             made.append(response.json()["id"])
     return made
+
+
+@pytest.fixture(scope="module")
+async def tasks(
+    clients: tuple[httpx.AsyncClient, httpx.AsyncClient], oidc: OIDCProvider
+) -> list[str]:
+    """Tasks of two owners, made through the API (the examples may change them)."""
+    return await _make_tasks(clients[0], oidc, "routing-alice", "routing-bob")
 
 
 def _answer(response: httpx.Response) -> tuple[int, Any, dict[str, str]]:
@@ -171,19 +176,138 @@ async def test_a_task_is_answered_as_fastapi_answers_it(
     await _same_answer(clients, f"/tasks/{path}{suffix}", _headers(oidc, caller))
 
 
+# Fields a write answers with that differ between any two writes, whoever serves them.
+WRITTEN = {"id", "created_at", "updated_at"}
+
+
+def _written(answer: tuple[int, Any, dict[str, str]]) -> tuple[int, Any, dict[str, str]]:
+    status, body, headers = answer
+    if status < 300 and isinstance(body, dict):
+        body = {k: v for k, v in body.items() if k not in WRITTEN}
+        headers = {k: v for k, v in headers.items() if k != "content-length"}
+    return status, body, headers
+
+
+field_value = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-2, max_value=2),
+    st.sampled_from(["", "  ", "x", "pending", "completed", "in_progress", "done", "\x00",
+                     "a" * 256, "\ud800"]),
+    st.text(max_size=8),
+    st.lists(st.integers(), max_size=2),
+)  # fmt: skip
+json_object = st.dictionaries(
+    st.sampled_from(["title", "description", "status", "owner", "id", "Title"]),
+    field_value,
+    max_size=4,
+)
+raw_body = st.one_of(
+    json_object.map(lambda o: json.dumps(o).encode()),
+    st.sampled_from(
+        [b"", b"{", b"null", b"[]", b'"title"', b"\xff\xfe", b'{"title": "a"', b"NaN",
+         b'{"title": "a"} x', b'{"title": "\\ud800"}', b"1e999"]
+    ),
+)  # fmt: skip
+content_type = st.sampled_from(
+    [None, "application/json", "", "text/plain", "application/vnd.api+json",
+     "application/json; charset=utf-8", "multipart/form-data", "application/xml"]
+)  # fmt: skip
+
+
+def _write_headers(oidc: OIDCProvider, caller: str, kind: str | None) -> dict[str, str]:
+    headers = _headers(oidc, caller)
+    if kind is not None:
+        headers["Content-Type"] = kind
+    return headers
+
+
+async def _same_write(
+    clients: tuple[httpx.AsyncClient, httpx.AsyncClient],
+    method: str,
+    urls: tuple[str, str],
+    body: bytes,
+    headers: dict[str, str],
+) -> tuple[int, Any, dict[str, str]]:
+    answers = [
+        _written(_answer(await client.request(method, url, content=body, headers=headers)))
+        for client, url in zip(clients, urls, strict=True)
+    ]
+    assert answers[0] == answers[1], (method, urls, body, headers)
+    return answers[0]
+
+
+@EXAMPLES
+@given(body=raw_body, kind=content_type, caller=who)
+async def test_a_create_is_answered_as_fastapi_answers_it(
+    clients: tuple[httpx.AsyncClient, httpx.AsyncClient],
+    oidc: OIDCProvider,
+    body: bytes,
+    kind: str | None,
+    caller: str,
+) -> None:
+    headers = _write_headers(oidc, caller, kind)
+    await _same_write(clients, "POST", ("/tasks", "/tasks"), body, headers)
+
+
+@EXAMPLES
+@given(
+    body=raw_body,
+    kind=content_type,
+    caller=who,
+    target=st.one_of(st.integers(min_value=0, max_value=23), st.sampled_from(["x", "0"])),
+)
+async def test_a_change_is_answered_as_fastapi_answers_it(
+    clients: tuple[httpx.AsyncClient, httpx.AsyncClient],
+    tasks: list[str],
+    oidc: OIDCProvider,
+    body: bytes,
+    kind: str | None,
+    caller: str,
+    target: int | str,
+) -> None:
+    path = f"/tasks/{tasks[target] if isinstance(target, int) else target}"
+    headers = _write_headers(oidc, caller, kind)
+    await _same_write(clients, "PATCH", (path, path), body, headers)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(caller=who, target=st.sampled_from(["own", "unknown", "invalid"]))
+async def test_a_deletion_is_answered_as_fastapi_answers_it(
+    clients: tuple[httpx.AsyncClient, httpx.AsyncClient],
+    oidc: OIDCProvider,
+    caller: str,
+    target: str,
+) -> None:
+    paths = []
+    for client in clients:
+        if target == "own":
+            made = await client.post(
+                "/tasks", json={"title": "x"}, headers=oidc.auth("routing-alice")
+            )
+            paths.append(f"/tasks/{made.json()['id']}")
+        else:
+            paths.append(f"/tasks/{uuid.uuid4() if target == 'unknown' else 'x'}")
+    await _same_write(clients, "DELETE", (paths[0], paths[1]), b"", _headers(oidc, caller))
+
+
 async def test_the_answers_compared_are_of_every_kind(
-    clients: tuple[httpx.AsyncClient, httpx.AsyncClient], tasks: list[str], oidc: OIDCProvider
+    clients: tuple[httpx.AsyncClient, httpx.AsyncClient], oidc: OIDCProvider
 ) -> None:
     """The comparisons above reach every outcome: found, not found, invalid, refused."""
-    alice = _headers(oidc, "routing-alice")
+    carol, dave = f"routing-carol-{uuid.uuid4().hex[:8]}", f"routing-dave-{uuid.uuid4().hex[:8]}"
+    tasks = await _make_tasks(clients[0], oidc, carol, dave)
+    alice = oidc.auth(carol)
     cases: dict[str, tuple[str, dict[str, str]]] = {
         "page": ("/tasks?page=2&page_size=5&status=completed", alice),
-        "admin page": ("/tasks?owner=routing-bob", _headers(oidc, "admin")),
+        "admin page": (f"/tasks?owner={dave}", _headers(oidc, "admin")),
         "task": (f"/tasks/{tasks[0]}", alice),
         "another owner's task": (f"/tasks/{tasks[-1]}", alice),
         "invalid query": ("/tasks?page=0&page_size=x&status=done", alice),
         "invalid id": ("/tasks/not-a-uuid", alice),
-        "another owner's list": ("/tasks?owner=routing-bob", alice),
+        "another owner's list": (f"/tasks?owner={dave}", alice),
         "no role": ("/tasks", _headers(oidc, "nobody")),
         "no token": ("/tasks/not-a-uuid", {}),
         "bad token": ("/tasks", _headers(oidc, "garbage")),
@@ -213,6 +337,43 @@ async def test_the_answers_compared_are_of_every_kind(
         assert "ratelimit-limit" in headers, status
         assert headers["x-content-type-options"] == "nosniff"
 
+    json_body = {"Content-Type": "application/json"}
+    writes: dict[str, tuple[str, tuple[str, str], bytes, dict[str, str]]] = {
+        "create": ("POST", ("/tasks", "/tasks"), b'{"title": " t ", "status": "completed"}',
+                   {**alice, **json_body}),
+        "not JSON": ("POST", ("/tasks", "/tasks"), b'{"title"', json_body),
+        "no content type": ("POST", ("/tasks", "/tasks"), b'{"title": "t"}', alice),
+        "no body": ("POST", ("/tasks", "/tasks"), b"", {**alice, **json_body}),
+        "unknown field": ("POST", ("/tasks", "/tasks"), b'{"title": "t", "x": 1}',
+                          {**alice, **json_body}),
+        "patch": ("PATCH", (f"/tasks/{tasks[1]}",) * 2, b'{"status": "pending"}',
+                  {**alice, **json_body}),
+        "patch another's": ("PATCH", (f"/tasks/{tasks[-1]}",) * 2, b'{"title": "x"}',
+                            {**alice, **json_body}),
+        "delete as a user": ("DELETE", (f"/tasks/{tasks[2]}",) * 2, b"", alice),
+        "delete unknown": ("DELETE", (f"/tasks/{uuid.uuid4()}",) * 2, b"",
+                           _headers(oidc, "admin")),
+    }  # fmt: skip
+    wrote = {
+        name: await _same_write(clients, method, urls, body, headers)
+        for name, (method, urls, body, headers) in writes.items()
+    }
+    assert wrote["create"][:2] == (
+        201,
+        {"owner": carol, "title": "t", "description": None, "status": "completed"},
+    )
+    assert wrote["not JSON"][1]["detail"][0]["type"] == "json_invalid"  # before the token
+    assert wrote["no content type"][1]["detail"][0]["loc"] == ["body"]
+    assert wrote["no body"][1]["detail"] == [
+        {"loc": ["body"], "msg": "Field required", "type": "missing"}
+    ]
+    assert wrote["unknown field"][1]["detail"][0]["type"] == "extra_forbidden"
+    assert wrote["patch"][:1] == (200,)
+    assert wrote["patch"][1]["status"] == "pending"
+    assert wrote["patch another's"][1]["code"] == "task_not_found"
+    assert wrote["delete as a user"][1]["code"] == "forbidden"
+    assert wrote["delete unknown"][1]["code"] == "task_not_found"
+
 
 async def test_lean_routes_are_served_lean(
     make_settings: SettingsFactory, oidc: OIDCProvider, monkeypatch: pytest.MonkeyPatch
@@ -229,10 +390,16 @@ async def test_lean_routes_are_served_lean(
         alice = oidc.auth("routing-lean")
         assert (await client.get("/tasks", headers=alice)).status_code == 200
         assert (await client.get(f"/tasks/{uuid.uuid4()}", headers=alice)).status_code == 404
-        assert (await client.post("/tasks", json={"title": "x"}, headers=alice)).status_code == 201
+        created = await client.post("/tasks", json={"title": "x"}, headers=alice)
+        assert created.status_code == 201
+        task = f"/tasks/{created.json()['id']}"
+        assert (await client.patch(task, json={"title": "y"}, headers=alice)).status_code == 200
+        admin = oidc.auth("routing-lean-admin", roles=["admin"])
+        assert (await client.delete(task, headers=admin)).status_code == 204
         assert (await client.head("/tasks", headers=alice)).status_code == 405
+        assert (await client.put(task, json={}, headers=alice)).status_code == 405
         assert (await client.get("/healthz")).status_code == 200
-    assert calls == ["/tasks", "/tasks/{task_id}"]
+    assert calls == ["/tasks", "/tasks/{task_id}", "/tasks", "/tasks/{task_id}", "/tasks/{task_id}"]
 
 
 async def test_an_unexpected_error_on_a_lean_route_is_a_bare_500_with_the_request_id(
@@ -241,7 +408,7 @@ async def test_an_unexpected_error_on_a_lean_route_is_a_bare_500_with_the_reques
     app = create_app(make_settings())
     router = APIRouter()
 
-    @lean_get(router, "/lean-boom")
+    @lean_route(router, "GET", "/lean-boom")
     async def boom() -> Response:
         raise RuntimeError("internal detail: password=hunter2")
 
@@ -255,7 +422,9 @@ async def test_an_unexpected_error_on_a_lean_route_is_a_bare_500_with_the_reques
     assert response.headers["x-request-id"] == "lean-boom-1"
 
 
-async def _takes_a_body(title: Annotated[str, Body()]) -> Response:
+async def _takes_two_bodies(
+    title: Annotated[str, Body()], status: Annotated[str, Body()]
+) -> Response:
     return Response()
 
 
@@ -263,12 +432,12 @@ async def _takes_a_header(x_thing: Annotated[str, Header()]) -> Response:
     return Response()
 
 
-@pytest.mark.parametrize("endpoint", [_takes_a_body, _takes_a_header])
+@pytest.mark.parametrize("endpoint", [_takes_two_bodies, _takes_a_header])
 def test_a_route_lean_routes_cannot_serve_is_refused_when_declared(
     endpoint: Callable[..., Any],
 ) -> None:
     with pytest.raises(TypeError, match="served lean"):
-        lean_get(APIRouter(), "/x")(endpoint)
+        lean_route(APIRouter(), "GET", "/x")(endpoint)
 
 
 def _sync(request: Request) -> str:
@@ -288,4 +457,4 @@ def test_a_dependency_lean_routes_cannot_resolve_is_refused_when_declared(
     endpoint: Callable[..., Any],
 ) -> None:
     with pytest.raises(TypeError, match="must be `async def f"):
-        lean_get(APIRouter(), "/x")(endpoint)
+        lean_route(APIRouter(), "GET", "/x")(endpoint)
