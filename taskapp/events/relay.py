@@ -25,8 +25,10 @@ class Relay:
     # outage under load must not pile up blocked publishing threads.
     PUBLISH_BACKOFF = 5.0
     # The publisher gathers ids for this long after the first one, then sends them all as
-    # one job: a message per event made publishing a large part of a create's cost.
-    LINGER = 0.02
+    # one job: publishing through Celery holds the interpreter lock for most of a
+    # millisecond, so the fewer jobs the less a create waits for it. A mail leaves at most
+    # this much later.
+    LINGER = 0.1
     # Ids per job at most, and most left waiting for the publisher.
     BATCH = 100
     MAX_PENDING = 10_000
