@@ -37,6 +37,9 @@ from taskapp.state import lifespan_state, open_state, state_of
 from taskapp.system.router import router as system_router
 from taskapp.tasks.router import router as tasks_router
 
+# Every router of the API, in the order their routes are matched.
+ROUTERS = (system_router, tasks_router)
+
 DESCRIPTION = """Multi-user task management API. Authenticate with an OIDC bearer token.
 
 Every error answers `{"detail": ..., "code": ...}`: `detail` says what went wrong in words,
@@ -134,7 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # RateLimit-* headers), and the body cap. Starlette runs the last added first.
     # The reads the cache answers most are served without FastAPI's request machinery
     # (taskapp.http.routing); the rest, and the OpenAPI document, by FastAPI.
-    app.add_middleware(LeanRoutes, routes=lean_routes(system_router, tasks_router))
+    app.add_middleware(LeanRoutes, routes=lean_routes(*ROUTERS))
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RateLimitMiddleware, settings=settings.ratelimit, limiter=_limiter)
     app.add_middleware(AuthenticationMiddleware, verifier=_verifier)
@@ -159,6 +162,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(HTTPMetricsMiddleware, access_log=settings.logs_requests)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
-    app.include_router(system_router)
-    app.include_router(tasks_router)
+    for router in ROUTERS:
+        app.include_router(router)
     return app
