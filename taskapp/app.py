@@ -27,7 +27,7 @@ from taskapp.errors import (
 )
 from taskapp.http.body_limit import BodySizeLimitMiddleware
 from taskapp.http.requestid import RequestIdMiddleware
-from taskapp.http.routing import LeanRoutes, lean_routes
+from taskapp.http.routing import LeanRoutes, routes_of
 from taskapp.http.security_headers import SecurityHeadersMiddleware
 from taskapp.observability.http import HTTPMetricsMiddleware
 from taskapp.observability.logging import configure_logging
@@ -137,7 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # RateLimit-* headers), and the body cap. Starlette runs the last added first.
     # The reads the cache answers most are served without FastAPI's request machinery
     # (taskapp.http.routing); the rest, and the OpenAPI document, by FastAPI.
-    app.add_middleware(LeanRoutes, routes=lean_routes(*ROUTERS))
+    app.add_middleware(LeanRoutes, routes=routes_of(*ROUTERS))
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RateLimitMiddleware, settings=settings.ratelimit, limiter=_limiter)
     app.add_middleware(AuthenticationMiddleware, verifier=_verifier)

@@ -32,7 +32,7 @@ from fastapi._compat.shared import field_annotation_is_sequence
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
-from starlette.routing import Match
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from taskapp.errors import answer_to
@@ -76,19 +76,26 @@ def lean_route(
     return add
 
 
-def lean_routes(*routers: APIRouter) -> list[LeanRoute]:
-    """The lean routes of `routers`, in their order."""
-    return [route for router in routers for route in router.routes if isinstance(route, LeanRoute)]
+def routes_of(*routers: APIRouter) -> list[Route]:
+    """Every route of `routers`, in the order FastAPI matches them."""
+    routes: list[Route] = []
+    for router in routers:
+        for route in router.routes:
+            if not isinstance(route, Route):
+                raise TypeError(f"{route!r}: only plain routes are matched by LeanRoutes")
+            routes.append(route)
+    return routes
 
 
 class LeanRoutes:
-    """Serves the requests that `routes` match (method and path); hands every other to `app`.
+    """Serves a request itself when the first of `routes` that matches it (method and path,
+    as FastAPI matches them) is a `LeanRoute`; hands every other request to `app`.
 
     Errors are answered as the application's exception handlers answer them; anything else
     propagates, as it would out of FastAPI, to the error boundary outside.
     """
 
-    def __init__(self, app: ASGIApp, routes: Sequence[LeanRoute]) -> None:
+    def __init__(self, app: ASGIApp, routes: Sequence[Route]) -> None:
         self.app = app
         self.routes = list(routes)
 
@@ -97,12 +104,14 @@ class LeanRoutes:
             method = scope["method"]
             for route in self.routes:
                 if route.methods and method not in route.methods:
-                    continue
+                    continue  # at most a partial match: FastAPI looks on too
                 match, child_scope = route.matches(scope)
                 if match is Match.FULL:
-                    scope.update(child_scope)
-                    await self._serve(route, scope, receive, send)
-                    return
+                    if isinstance(route, LeanRoute):
+                        scope.update(child_scope)
+                        await self._serve(route, scope, receive, send)
+                        return
+                    break
         await self.app(scope, receive, send)
 
     @staticmethod

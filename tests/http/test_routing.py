@@ -21,7 +21,7 @@ from starlette.middleware import Middleware
 
 from taskapp.app import create_app
 from taskapp.auth.dependencies import bearer_scheme
-from taskapp.http.routing import LeanRoute, LeanRoutes, lean_route, lean_routes
+from taskapp.http.routing import LeanRoute, LeanRoutes, lean_route, routes_of
 from testing.oidc import OIDCProvider
 from tests.conftest import SettingsFactory, running
 
@@ -413,13 +413,39 @@ async def test_an_unexpected_error_on_a_lean_route_is_a_bare_500_with_the_reques
         raise RuntimeError("internal detail: password=hunter2")
 
     app.include_router(router)
-    lean = Middleware(LeanRoutes, routes=lean_routes(router))
+    lean = Middleware(LeanRoutes, routes=routes_of(router))
     app.user_middleware = [lean if _is_lean_routes(m) else m for m in app.user_middleware]
     async with running(app) as client:
         response = await client.get("/lean-boom", headers={"X-Request-ID": "lean-boom-1"})
     assert response.status_code == 500
     assert response.json() == {"detail": "Internal Server Error", "code": "internal_error"}
     assert response.headers["x-request-id"] == "lean-boom-1"
+
+
+async def test_a_plain_route_matched_first_is_left_to_fastapi(
+    make_settings: SettingsFactory,
+) -> None:
+    app = create_app(make_settings())
+    router = APIRouter()
+
+    @router.get("/shadowed/{name}")
+    async def plain(name: str) -> Response:
+        return Response(b"plain")
+
+    @lean_route(router, "GET", "/shadowed/{name}")
+    async def lean(name: str) -> Response:
+        return Response(b"lean")
+
+    @lean_route(router, "GET", "/lean/{name}")
+    async def only_lean(name: str) -> Response:
+        return Response(b"lean")
+
+    app.include_router(router)
+    lean_routes = Middleware(LeanRoutes, routes=routes_of(router))
+    app.user_middleware = [lean_routes if _is_lean_routes(m) else m for m in app.user_middleware]
+    async with running(app) as client:
+        assert (await client.get("/shadowed/x")).content == b"plain"
+        assert (await client.get("/lean/x")).content == b"lean"
 
 
 async def _takes_two_bodies(
