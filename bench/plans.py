@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+import asyncpg
 
+from taskapp.database.driver import Connection, dsn
 from taskapp.tasks.repository import TaskRepository
 
 PARTITION = re.compile(r"tasks_p\d+")
@@ -62,39 +63,43 @@ def _scans(plan: dict[str, Any]) -> list[tuple[str, str, str]]:
 Call = Callable[[TaskRepository], Awaitable[Any]]
 
 
+@asynccontextmanager
+async def _rolled_back(raw: asyncpg.Connection) -> AsyncIterator[None]:
+    """A savepoint, rolled back after the block whatever it did."""
+    transaction = raw.transaction()
+    await transaction.start()
+    try:
+        yield
+    finally:
+        await transaction.rollback()
+
+
 def _literal(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     return "'" + str(value).replace("'", "''") + "'"
 
 
-async def _explain(connection: AsyncConnection, scenario: str, call: Call) -> list[Plan]:
-    sent: list[tuple[str, Any]] = []
+async def _explain(raw: asyncpg.Connection, scenario: str, call: Call) -> list[Plan]:
+    sent: list[tuple[str, Sequence[Any]]] = []
 
-    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
-        if "tasks" in statement and not statement.startswith("EXPLAIN"):
-            sent.append((statement, parameters))
+    def capture(statement: str, arguments: Sequence[Any], in_transaction: bool) -> None:
+        if "tasks" in statement:
+            sent.append((statement, arguments))
 
-    event.listen(connection.sync_connection, "before_cursor_execute", capture)
-    try:
-        async with connection.begin_nested() as savepoint:
-            await call(TaskRepository(connection))
-            await savepoint.rollback()
-    finally:
-        event.remove(connection.sync_connection, "before_cursor_execute", capture)
+    async with _rolled_back(raw):
+        await call(TaskRepository(Connection(raw, [capture])))
     plans = []
-    for statement, parameters in sent:
-        # As the API runs it: a prepared statement's generic plan (see taskapp.db).
-        async with connection.begin_nested() as savepoint:
-            await connection.exec_driver_sql(f"PREPARE bench_probe AS {statement}")
-            arguments = ", ".join(_literal(value) for value in parameters)
-            result = await connection.exec_driver_sql(
-                f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE bench_probe({arguments})"
+    for statement, arguments in sent:
+        # As the API runs it: a prepared statement's generic plan (see the repository).
+        async with _rolled_back(raw):
+            await raw.execute(f"PREPARE bench_probe AS {statement}")
+            values = ", ".join(_literal(value) for value in arguments)
+            raw_plan: Any = await raw.fetchval(
+                f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE bench_probe({values})"
             )
-            raw: Any = result.scalar()
-            await connection.exec_driver_sql("DEALLOCATE bench_probe")
-            await savepoint.rollback()
-        top = (json.loads(raw) if isinstance(raw, str) else raw)[0]
+            await raw.execute("DEALLOCATE bench_probe")
+        top = (json.loads(raw_plan) if isinstance(raw_plan, str) else raw_plan)[0]
         plans.append(Plan(scenario, statement, _scans(top["Plan"]), top["Execution Time"]))
     return plans
 
@@ -107,26 +112,24 @@ async def explain_scenarios(
     `small`: a test-sized table, where a sequential scan is rightly cheapest; the planner is
     then asked whether an index serves.
     """
-    engine = create_async_engine(database_url)
     identifier = uuid.UUID(task_id)
+    raw = await asyncpg.connect(dsn(database_url))
     try:
-        async with engine.connect() as connection:
-            await connection.begin()
-            await connection.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+        async with _rolled_back(raw):
+            await raw.execute("SET LOCAL plan_cache_mode = force_generic_plan")
             if small:
-                await connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
+                await raw.execute("SET LOCAL enable_seqscan = off")
             plans = await _explain(
-                connection,
+                raw,
                 "2 list (deep page)",
                 lambda r: r.list(owner=owner, status=None, offset=deep_offset, limit=10),
             )
-            plans += await _explain(connection, "3 get", lambda r: r.get(identifier, owner=owner))
+            plans += await _explain(raw, "3 get", lambda r: r.get(identifier, owner=owner))
             plans += await _explain(
-                connection,
+                raw,
                 "5 patch",
                 lambda r: r.update(identifier, {"status": "completed"}, owner=owner),
             )
-            await connection.rollback()
     finally:
-        await engine.dispose()
+        await raw.close()
     return plans

@@ -40,7 +40,8 @@ class ConfigurationError(RuntimeError):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class State:
     settings: Settings
-    # The primary's engine, for probes and maintenance; requests use `database`.
+    # SQLAlchemy's engine on the primary, for the probes, maintenance and scripts; requests
+    # use `database`.
     engine: AsyncEngine
     database: DatabaseServer
     replica: ReadReplica | None
@@ -91,9 +92,11 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
         keys, issuer = _key_source(settings, http)
         stack.push_async_callback(keys.aclose)
         database = settings.database
-        engine = create_engine(database, generic_plans=True)
+        engine = create_engine(database)
         stack.push_async_callback(engine.dispose)
         instrument(engine)
+        primary = await DatabaseServer.open(database)
+        stack.push_async_callback(primary.aclose)
         redis = create_redis(settings.redis)
         stack.push_async_callback(redis.aclose)
         cache = ResponseCache(
@@ -105,9 +108,10 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
         stack.push_async_callback(cache.aclose)
         replica = None
         if database.replica_url is not None:
-            replica_engine = create_engine(database, generic_plans=True, url=database.replica_url)
-            stack.push_async_callback(replica_engine.dispose)
-            instrument(replica_engine)
+            replica_server = await DatabaseServer.open(
+                database, url=database.replica_url.get_secret_value()
+            )
+            stack.push_async_callback(replica_server.aclose)
             # The replica's measurements have connections of their own (see ReadReplica).
             measurements = [
                 create_engine(database, url=url, pool_size=1, max_overflow=0)
@@ -116,7 +120,7 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
             for measurement in measurements:
                 stack.push_async_callback(measurement.dispose)
             replica = ReadReplica(
-                DatabaseServer.for_engine(replica_engine, database),
+                replica_server,
                 replica=measurements[0],
                 primary=measurements[1],
                 clock=cache.now,
@@ -133,7 +137,7 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
         state = State(
             settings=settings,
             engine=engine,
-            database=DatabaseServer.for_engine(engine, database),
+            database=primary,
             replica=replica,
             redis=redis,
             cache=cache,
@@ -151,6 +155,6 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
             ),
         )
         await check_statement_timeout(engine, database)
-        await stack.enter_async_context(probing(engine))
+        await stack.enter_async_context(probing(engine, primary.pool))
         await stack.enter_async_context(measuring(replica))
         yield state

@@ -7,9 +7,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import sqlalchemy.exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncConnection
+import asyncpg
 
+from taskapp.database.driver import Connection
 from taskapp.database.outages import (
     RECOVERY_CONFLICTS,
     DatabaseBusyError,
@@ -57,7 +57,7 @@ class Database:
             single_statement=single_statement,
         )
 
-    async def read(self, written_at: float, query: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    async def read(self, written_at: float, query: Callable[[Connection], Awaitable[T]]) -> T:
         """`query`'s result, from the read replica when it has replayed the last write to
         what is read (`written_at`, a time from the response cache), else from the primary.
         When the replica fails, the primary answers this same read."""
@@ -70,12 +70,12 @@ class Database:
                 pass  # busy is no fault: only this read moves
             except DatabaseUnavailableError as exc:
                 replica.failed(exc.detail)
-            except sa_exc.DBAPIError as exc:
+            except asyncpg.PostgresError as exc:
                 # A hot standby cancels a query that conflicts with what it replays (40001,
                 # 40P01): the standby is fine. Anything else (a rotated password, a schema
                 # the standby has not replayed yet) keeps it out until a check succeeds.
-                if getattr(exc.orig, "sqlstate", None) not in RECOVERY_CONFLICTS:
-                    replica.failed(type(exc.orig).__name__)
+                if exc.sqlstate not in RECOVERY_CONFLICTS:
+                    replica.failed(type(exc).__name__)
             else:
                 replica.served()
                 return result

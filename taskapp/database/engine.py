@@ -1,5 +1,6 @@
-"""Engines: the asyncpg engine of the API (bounded pool, timeouts, generic plans), the
-psycopg engine of the Celery jobs, and the autocommit view of an engine that requests use."""
+"""SQLAlchemy's engines, for everything off the request path (which runs on asyncpg directly,
+`taskapp.database.driver`): the asyncpg engine of maintenance and the replica's measurements,
+and the psycopg engine of the Celery jobs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from taskapp.config import DatabaseSettings
+from taskapp.database.driver import server_settings
 
 logger = logging.getLogger(__name__)
 
@@ -20,36 +22,21 @@ logger = logging.getLogger(__name__)
 def create_engine(
     settings: DatabaseSettings,
     *,
-    generic_plans: bool = False,
     url: SecretStr | None = None,
     **overrides: Any,
 ) -> AsyncEngine:
     """An asyncpg engine with a bounded pool and client/server timeouts.
-
-    `generic_plans`: prepared statements are planned once per connection, not on every
-    execution (`plan_cache_mode = force_generic_plan`). PostgreSQL otherwise keeps planning
-    each execution of a statement on the partitioned `tasks` table afresh, because a generic
-    plan's estimate counts all partitions, though run-time pruning executes one: a list page
-    then costs about twice the server time. Only for statements whose generic plan is known
-    to be good: the API's (see the tasks repository).
 
     `url`: another server of the same database (the read replica); default `settings.url`.
     """
     url = url or settings.url
     if url is None:
         raise ValueError("TASKAPP_DATABASE_URL is not set")
-    server_settings = {"application_name": "taskapp"}
     connect_args: dict[str, Any] = {}
     if settings.pgbouncer:
         # Named statements would outlive the transaction on a server connection other
-        # clients share; unnamed ones are replaced by the next. PgBouncer refuses startup
-        # parameters it does not track, and a generic plan nobody reuses is no gain.
+        # clients share; unnamed ones are replaced by the next.
         connect_args |= {"statement_cache_size": 0, "prepared_statement_cache_size": 0}
-    else:
-        if generic_plans:
-            server_settings["plan_cache_mode"] = "force_generic_plan"
-        if settings.statement_timeout:
-            server_settings["statement_timeout"] = str(int(settings.statement_timeout * 1000))
     options: dict[str, Any] = {
         "pool_size": settings.pool_size,
         "max_overflow": settings.max_overflow,
@@ -59,7 +46,7 @@ def create_engine(
         "connect_args": {
             "timeout": settings.connect_timeout,
             "command_timeout": settings.command_timeout,
-            "server_settings": server_settings,
+            "server_settings": server_settings(settings, generic_plans=False),
             **connect_args,
         },
     }
@@ -115,13 +102,3 @@ def _discard_closed(dbapi_connection: Any, record: Any, proxy: Any) -> None:
     """
     if dbapi_connection.driver_connection.is_closed():
         raise sa_exc.DisconnectionError("connection closed by the server")
-
-
-def request_engine(engine: AsyncEngine, settings: DatabaseSettings) -> AsyncEngine:
-    """The engine requests use: autocommit, so a statement outside a unit of work's
-    transaction commits as it returns, with no BEGIN and COMMIT round trips around it (see
-    `taskapp.database.unit_of_work`). Behind PgBouncer in transaction mode every request's
-    statements run in a transaction of their own instead: an unnamed statement is prepared,
-    then bound and executed, in two exchanges, and only a transaction keeps both on the same
-    server connection."""
-    return engine if settings.pgbouncer else engine.execution_options(isolation_level="AUTOCOMMIT")

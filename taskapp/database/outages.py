@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import asyncpg
 import sqlalchemy.exc as sa_exc
 
 from taskapp.errors import ServiceUnavailableError
@@ -46,6 +47,11 @@ def unavailable(exc: BaseException) -> type[DatabaseUnavailableError] | None:
     """The outage `exc` stands for, or None when it is a real bug."""
     if isinstance(exc, sa_exc.TimeoutError):
         return DatabaseBusyError
+    if isinstance(exc, asyncpg.InterfaceError):
+        # The driver's own: the connection is closed or was lost mid-statement.
+        return DatabaseUnavailableError
+    if isinstance(exc, asyncpg.PostgresError):
+        return _by_sqlstate(exc)
     if isinstance(exc, sa_exc.DBAPIError):
         if exc.connection_invalidated or isinstance(
             exc, sa_exc.OperationalError | sa_exc.InterfaceError
@@ -53,16 +59,20 @@ def unavailable(exc: BaseException) -> type[DatabaseUnavailableError] | None:
             return DatabaseUnavailableError
         if type(exc.orig).__name__ in {"QueryCanceledError", "AdminShutdownError"}:
             return DatabaseUnavailableError
-        # The server's own word that it cannot serve now, whatever the driver's class for
-        # it: 08 connection exception, 53 insufficient resources (too many connections),
-        # 57 operator intervention ("the database system is shutting down" / "is starting
-        # up" while a connection is made, 57P03, a plain DBAPIError to SQLAlchemy).
-        sqlstate = getattr(exc.orig, "sqlstate", None)
-        if isinstance(sqlstate, str) and sqlstate[:2] in {"08", "53", "57"}:
-            return DatabaseUnavailableError
-        return None
-    # asyncpg raises plain OS errors (refused, reset, timed out) when it cannot connect.
+        return _by_sqlstate(exc.orig)
+    # Plain OS errors: refused, reset, or timed out (a connect, or asyncpg's command timeout).
     if isinstance(exc, OSError):
+        return DatabaseUnavailableError
+    return None
+
+
+def _by_sqlstate(error: object) -> type[DatabaseUnavailableError] | None:
+    """The server's own word that it cannot serve now, whatever the driver's class for it:
+    08 connection exception, 53 insufficient resources (too many connections), 57 operator
+    intervention (a statement timeout; "the database system is shutting down" / "is starting
+    up" while a connection is made, 57P03)."""
+    state = getattr(error, "sqlstate", None)
+    if isinstance(state, str) and state[:2] in {"08", "53", "57"}:
         return DatabaseUnavailableError
     return None
 
@@ -81,6 +91,13 @@ def outages_as_unavailable() -> Iterator[None]:
         raise
 
 
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE the server failed `exc` with, raised by asyncpg or by SQLAlchemy."""
+    error = getattr(exc, "orig", exc)
+    value = getattr(error, "sqlstate", None)
+    return value if isinstance(value, str) else None
+
+
 @contextmanager
 def unknown_outcomes() -> Iterator[None]:
     """Around a statement that commits as it returns: an outage while it runs is an
@@ -91,7 +108,7 @@ def unknown_outcomes() -> Iterator[None]:
     except DatabaseUnavailableError:
         raise
     except Exception as exc:
-        cancelled = getattr(getattr(exc, "orig", None), "sqlstate", None) == QUERY_CANCELED
+        cancelled = sqlstate(exc) == QUERY_CANCELED
         if unavailable(exc) is DatabaseUnavailableError and not cancelled:
             raise OutcomeUnknownError() from exc
         raise

@@ -3,7 +3,7 @@ effects (cache invalidation, the hand-off of its events) follow the commit, neve
 
     async with database.unit_of_work() as work:
         work.emit(event)
-        row = await work.execute(statement, parameters)
+        rows = await work.fetch(statement, parameters)
         work.touches(*views)
 
 By default the statements run in one transaction (BEGIN ... COMMIT). A change that is one
@@ -21,11 +21,12 @@ from functools import lru_cache
 from types import TracebackType
 from typing import Any, Generic, Protocol, Self, TypeVar
 
-from sqlalchemy import CursorResult, Insert
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncTransaction
+from asyncpg.transaction import Transaction
+from sqlalchemy import Insert
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.dml import UpdateBase
 
+from taskapp.database.driver import Connection, Record
 from taskapp.database.outages import (
     OutcomeUnknownError,
     outages_as_unavailable,
@@ -71,9 +72,9 @@ class Invalidator(Protocol):
 class Executor(Protocol):
     """What repositories run their statements on: a connection, or a unit of work."""
 
-    async def execute(
+    async def fetch(
         self, statement: Executable, parameters: Mapping[str, Any] | None = None, /
-    ) -> CursorResult[Any]: ...
+    ) -> list[Record]: ...
 
 
 class UnitOfWork(Generic[E]):
@@ -101,8 +102,8 @@ class UnitOfWork(Generic[E]):
         self._views: list[str] = []
         self._possible: list[str] = []
         self._resources = contextlib.AsyncExitStack()
-        self._connection: AsyncConnection | None = None
-        self._transaction: AsyncTransaction | None = None
+        self._connection: Connection | None = None
+        self._transaction: Transaction | None = None
         self._committed = False
 
     async def __aenter__(self) -> Self:
@@ -126,14 +127,14 @@ class UnitOfWork(Generic[E]):
         statement returns) forgets every view."""
         self._possible.extend(views)
 
-    async def execute(
+    async def fetch(
         self, statement: Executable, parameters: Mapping[str, Any] | None = None, /
-    ) -> CursorResult[Any]:
-        """Run `statement` as part of this change; its result is buffered."""
+    ) -> list[Record]:
+        """Run `statement` as part of this change; the rows it returns."""
         if not self._single:
             connection = await self._connect()
             with outages_as_unavailable():
-                return await connection.execute(statement, parameters)
+                return await connection.fetch(statement, parameters)
         if self._committed:
             raise RuntimeError("a single-statement unit of work ran a second statement")
         riders = self._riders()
@@ -171,25 +172,21 @@ class UnitOfWork(Generic[E]):
         self._entry = self._journal.record(self._events)
         return self._entry.rows
 
-    async def _connect(self) -> AsyncConnection:
+    async def _connect(self) -> Connection:
         if self._connection is None:
-            self._connection = await self._resources.enter_async_context(
+            connection = await self._resources.enter_async_context(
                 server_connection(self._server, self._gate, begin=False)
             )
             if self._begin:
-                if not self._server.transactional:
-                    # Requests' connections commit each statement as it returns (see
-                    # request_engine): this one goes back to the server's own isolation level
-                    # until it returns to the pool, so that BEGIN means a transaction.
-                    await self._connection.execution_options(
-                        isolation_level=self._connection.default_isolation_level
-                    )
-                self._transaction = await self._connection.begin()
+                self._transaction = connection.raw.transaction()
+                with outages_as_unavailable():
+                    await self._transaction.start()
+            self._connection = connection
         return self._connection
 
     async def _run_alone(
         self, statement: Executable, parameters: Mapping[str, Any] | None, riders: Sequence[Rider]
-    ) -> CursorResult[Any]:
+    ) -> list[Record]:
         """The single statement, with `riders` inside it; committed as it returns."""
         if riders:
             assert isinstance(statement, UpdateBase)
@@ -197,7 +194,7 @@ class UnitOfWork(Generic[E]):
             parameters = {**(parameters or {}), **_values(riders)}
         connection = await self._connect()
         with unknown_outcomes():
-            result = await connection.execute(statement, parameters)
+            result = await connection.fetch(statement, parameters)
             await self._release(commit=True)
         self._committed = True
         return result
@@ -215,7 +212,7 @@ class UnitOfWork(Generic[E]):
         connection = await self._connect()
         with outages_as_unavailable():
             for insert, values in riders:
-                await connection.execute(insert, values)
+                await connection.fetch(insert, values)
         with unknown_outcomes():
             await self._release(commit=True)
         self._committed = True

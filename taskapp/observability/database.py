@@ -9,10 +9,10 @@ import logging
 import time
 from typing import Any
 
+import asyncpg
 from sqlalchemy import event, text
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.pool import QueuePool
 
 from taskapp.observability.metrics import (
     DB_ERRORS,
@@ -28,7 +28,6 @@ logger = logging.getLogger(__name__)
 
 _OPERATIONS = frozenset({"select", "insert", "update", "delete"})
 PROBE_INTERVAL = 5.0
-PROBE_OPTION = "taskapp_probe"
 PROBE_TIMEOUT = 2.0
 
 
@@ -39,6 +38,7 @@ def operation(statement: str) -> str:
 
 
 _LATENCY = Labelled(DB_QUERY_LATENCY)
+_SELECT_1 = text("SELECT 1")
 
 
 def instrument(engine: AsyncEngine) -> None:
@@ -65,19 +65,20 @@ def instrument(engine: AsyncEngine) -> None:
         DB_ERRORS.labels(type(context.original_exception).__name__).inc()
 
 
-def record_pool(engine: AsyncEngine) -> None:
-    pool = engine.sync_engine.pool
-    if isinstance(pool, QueuePool):
-        DB_POOL_SIZE.set(pool.size())
-        DB_POOL_CHECKED_OUT.set(pool.checkedout())
-        DB_POOL_OVERFLOW.set(max(0, pool.overflow()))
+def record_pool(pool: asyncpg.Pool) -> None:
+    """The requests' pool of this process: its capacity and the connections in use."""
+    DB_POOL_SIZE.set(pool.get_max_size())
+    DB_POOL_CHECKED_OUT.set(pool.get_size() - pool.get_idle_size())
+    DB_POOL_OVERFLOW.set(0)
 
 
-async def probe(engine: AsyncEngine) -> bool:
-    """Ask the database for `SELECT 1`; keeps `db_up` and the pool gauges current."""
+async def probe(engine: AsyncEngine, pool: asyncpg.Pool) -> bool:
+    """Ask the database for `SELECT 1` on the engine's connection, apart from the requests'
+    `pool` (a busy pool neither delays the probe nor is taken from by it); keeps `db_up` and
+    the pool's gauges current."""
     try:
         async with asyncio.timeout(PROBE_TIMEOUT), engine.connect() as connection:
-            await connection.execute(text("SELECT 1"), execution_options={PROBE_OPTION: True})
+            await connection.execute(_SELECT_1)
     except Exception as exc:
         if isinstance(exc, TimeoutError | OSError):  # not seen by handle_error
             DB_ERRORS.labels(type(exc).__name__).inc()
@@ -87,20 +88,22 @@ async def probe(engine: AsyncEngine) -> bool:
     else:
         db_up().set(1)
         up = True
-    record_pool(engine)
+    record_pool(pool)
     return up
 
 
-async def probe_forever(engine: AsyncEngine, interval: float = PROBE_INTERVAL) -> None:
+async def probe_forever(
+    engine: AsyncEngine, pool: asyncpg.Pool, interval: float = PROBE_INTERVAL
+) -> None:
     while True:
-        await probe(engine)
+        await probe(engine, pool)
         await asyncio.sleep(interval)
 
 
 @contextlib.asynccontextmanager
-async def probing(engine: AsyncEngine, interval: float = PROBE_INTERVAL) -> Any:
+async def probing(engine: AsyncEngine, pool: asyncpg.Pool, interval: float = PROBE_INTERVAL) -> Any:
     """Run the periodic probe for the duration of the block (the app's lifetime)."""
-    task = asyncio.create_task(probe_forever(engine, interval))
+    task = asyncio.create_task(probe_forever(engine, pool, interval))
     try:
         yield
     finally:

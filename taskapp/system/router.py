@@ -55,7 +55,9 @@ async def readyz(request: Request) -> JSONResponse:
     """Readiness: the database and Redis both answer within a short timeout."""
     state = state_of(request.scope)
     # The database probe has its own timeout and keeps db_up current.
-    database, redis = await asyncio.gather(probe(state.engine), _probe("redis", state.redis.ping()))
+    database, redis = await asyncio.gather(
+        probe(state.engine, state.database.pool), _probe("redis", state.redis.ping())
+    )
     if not database:
         logger.warning("readiness: database unavailable")
     checks = {
@@ -90,6 +92,6 @@ async def metrics(request: Request) -> Response:
     token = state.settings.metrics_token
     if not is_scrape_token(request.headers.get("authorization", ""), token):
         ensure_role(request_principal(request), USER_ROLES)
-    await probe(state.engine)  # db_up as of this scrape
+    await probe(state.engine, state.database.pool)  # db_up as of this scrape
     encoder, content_type = choose_encoder(request.headers.get("accept", ""))
     return Response(encoder(scrape_registry()), media_type=content_type)

@@ -1,22 +1,20 @@
 """Every statement on `tasks`: on a read's connection, or in a change's unit of work.
 
-Statements are Core constructs, built once with bound parameters, returning plain rows: they
-feed JSON straight away, and skip the ORM's compilation and object loading (a read costs
-markedly less; see docs/performance.md).
+Statements are Core constructs, built once with bound parameters and compiled once, run on
+asyncpg directly (`taskapp.database.driver`); their rows feed JSON straight away.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from functools import cache, lru_cache
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
 from sqlalchemy import (
     ColumnElement,
     Insert,
     Integer,
-    RowMapping,
     Select,
     Table,
     Update,
@@ -31,10 +29,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.dml import ReturningDelete
 
+from taskapp.database.driver import Record
 from taskapp.database.unit_of_work import Executor
 from taskapp.tasks.models import Task
 
-TaskRow = RowMapping
+TaskRow: TypeAlias = Record
 _TASKS = cast(Table, Task.__table__)
 
 
@@ -145,26 +144,23 @@ class TaskRepository:
         """Insert a task; the stored row, server defaults (timestamps) included."""
         statement = _insert_statement(frozenset(values))
         parameters = {f"{_NEW}{name}": value for name, value in values.items()}
-        result = await self.connection.execute(statement, parameters)
-        row: TaskRow = result.mappings().one()
+        (row,) = await self.connection.fetch(statement, parameters)
         return row
 
     async def get(self, task_id: uuid.UUID, *, owner: str | None) -> TaskRow | None:
         statement = _get_statement(owner=owner is not None)
-        result = await self.connection.execute(statement, _identity(task_id, owner))
-        row: TaskRow | None = result.mappings().one_or_none()
-        return row
+        return _one_or_none(await self.connection.fetch(statement, _identity(task_id, owner)))
 
     async def list(
         self, *, owner: str | None, status: str | None, offset: int, limit: int
-    ) -> tuple[int, Sequence[TaskRow]]:
+    ) -> tuple[int, list[TaskRow]]:
         parameters: dict[str, Any] = {"offset": offset, "limit": limit}
         if owner is not None:
             parameters["owner"] = owner
         if status is not None:
             parameters["status"] = status
         statement = _list_statement(owner=owner is not None, status=status is not None)
-        rows = (await self.connection.execute(statement, parameters)).mappings().all()
+        rows = await self.connection.fetch(statement, parameters)
         return rows[0]["total"], [row for row in rows if row["id"] is not None]
 
     async def update(
@@ -173,13 +169,17 @@ class TaskRepository:
         parameters = _identity(task_id, owner)
         parameters.update((f"{_NEW}{name}", value) for name, value in changes.items())
         statement = _update_statement(frozenset(changes), owner=owner is not None)
-        result = await self.connection.execute(statement, parameters)
-        row: TaskRow | None = result.mappings().one_or_none()
-        return row
+        return _one_or_none(await self.connection.fetch(statement, parameters))
 
     async def delete(self, task_id: uuid.UUID, *, owner: str | None) -> str | None:
         """Delete the task; its owner, or None when there was no such task."""
         statement = _delete_statement(owner=owner is not None)
-        result = await self.connection.execute(statement, _identity(task_id, owner))
-        owner_of_deleted: str | None = result.scalar_one_or_none()
-        return owner_of_deleted
+        row = _one_or_none(await self.connection.fetch(statement, _identity(task_id, owner)))
+        return None if row is None else str(row["owner"])
+
+
+def _one_or_none(rows: list[TaskRow]) -> TaskRow | None:
+    """The row of a statement on one task (by its primary key or its unique id)."""
+    if len(rows) > 1:
+        raise RuntimeError(f"{len(rows)} rows for one task")
+    return rows[0] if rows else None

@@ -28,7 +28,7 @@ def _confined_to(principal: Principal) -> str | None:
 
 
 def _json(task: TaskRow) -> bytes:
-    return TaskRead.model_validate(task).model_dump_json().encode()
+    return TaskRead.model_validate(dict(task)).model_dump_json().encode()
 
 
 class TaskReader:
@@ -68,7 +68,7 @@ class TaskReader:
                     limit=page_size,
                 ),
             )
-            items = [TaskRead.model_validate(task) for task in tasks]
+            items = [TaskRead.model_validate(dict(task)) for task in tasks]
             result = TaskPage(total=total, page=page, page_size=page_size, items=items)
             return result.model_dump_json().encode()
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import asyncpg
 import pgserver
 import pytest
-from sqlalchemy.pool import QueuePool
+from sqlalchemy import text
 
 from taskapp.app import create_app
+from taskapp.database.servers import server_connection
 from taskapp.redis.cache import _view_id
 from testing.services import signal_cluster
 from tests.conftest import app_state, running
@@ -176,8 +177,9 @@ async def test_pool_timeout_is_503_not_a_hang(make_settings, oidc):
     app = create_app(settings)
     async with running(app) as client:
         auth = oidc.auth("alice")
-        async with app_state(app).engine.connect() as held:  # the pool's only connection
-            await held.exec_driver_sql("SELECT 1")
+        # A request holding the pool's only connection.
+        async with server_connection(app_state(app).database) as held:
+            await held.fetch(text("SELECT 1"))
             started = time.monotonic()
             response = await client.get("/tasks", headers=auth)
             assert time.monotonic() - started < 2
@@ -197,9 +199,8 @@ async def test_connections_closed_by_the_server_are_replaced_unnoticed(
 
     auth = oidc.auth("alice")
     assert (await client.post("/tasks", json={"title": "kept"}, headers=auth)).status_code == 201
-    pool = app_state(app).engine.sync_engine.pool
-    assert isinstance(pool, QueuePool)
-    assert pool.checkedin() >= 1  # the connection that served it waits in the pool
+    pool = app_state(app).database.pool
+    assert pool.get_idle_size() >= 1  # the connection that served it waits in the pool
 
     admin = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://"))
     try:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import pytest
-from sqlalchemy import Table, event, insert, text, update
+from sqlalchemy import Table, insert, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from taskapp.config import DatabaseSettings, SMTPSettings
@@ -82,6 +82,13 @@ async def engine(database: DatabaseSettings) -> AsyncIterator[AsyncEngine]:
 
 
 @pytest.fixture
+async def server(database: DatabaseSettings) -> AsyncIterator[DatabaseServer]:
+    server = await DatabaseServer.open(database)
+    yield server
+    await server.aclose()
+
+
+@pytest.fixture
 def owner() -> str:
     return f"uow-{uuid.uuid4()}"
 
@@ -96,15 +103,14 @@ async def witness(engine: AsyncEngine, owner: str) -> AsyncIterator[Witness]:
 
 
 def _work(
-    engine: AsyncEngine,
-    database: DatabaseSettings,
+    server: DatabaseServer,
     witness: Witness,
     *,
     single_statement: bool = False,
     gate: Any = None,
 ) -> UnitOfWork[NewEvent]:
     return UnitOfWork(
-        DatabaseServer.for_engine(engine, database),
+        server,
         gate=gate,
         journal=witness,
         invalidator=witness,
@@ -127,14 +133,12 @@ async def _count(engine: AsyncEngine, table: str, owner: str) -> int:
         return int(await connection.scalar(query, {"owner": owner}) or 0)
 
 
-async def test_several_statements_and_their_events_commit_together(
-    engine, database, witness, owner
-):
+async def test_several_statements_and_their_events_commit_together(engine, server, witness, owner):
     created = _created(owner)
-    async with _work(engine, database, witness) as work:
+    async with _work(server, witness) as work:
         work.emit(created)
         for title in ("one", "two"):
-            await work.execute(*_task(owner, title))
+            await work.fetch(*_task(owner, title))
         work.touches(f"owner:{owner}")
         # Inside the transaction: nothing is visible to anyone else yet.
         assert await _count(engine, "tasks", owner) == 0
@@ -149,12 +153,12 @@ async def test_several_statements_and_their_events_commit_together(
 
 
 async def test_a_failure_inside_rolls_back_everything_and_has_no_effects(
-    engine, database, witness, owner
+    engine, server, witness, owner
 ):
     async def failing() -> None:
-        async with _work(engine, database, witness) as work:
+        async with _work(server, witness) as work:
             work.emit(_created(owner))
-            await work.execute(*_task(owner, "one"))
+            await work.fetch(*_task(owner, "one"))
             work.touches(f"owner:{owner}")
             raise ZeroDivisionError
 
@@ -166,25 +170,20 @@ async def test_a_failure_inside_rolls_back_everything_and_has_no_effects(
 
 
 async def test_a_single_statement_carries_its_events_outside_a_transaction(
-    engine, database, witness, owner
+    engine, server, witness, owner
 ):
     sent: list[tuple[str, bool]] = []
 
-    def record(conn, cursor, statement, parameters, context, executemany):
-        if not statement.startswith("SELECT"):  # the witness's own queries
-            in_transaction = conn.connection.dbapi_connection._connection.is_in_transaction()
-            sent.append((statement, in_transaction))
+    def record(statement: str, arguments: Sequence[Any], in_transaction: bool) -> None:
+        sent.append((statement, in_transaction))
 
     created = _created(owner)
-    event.listen(engine.sync_engine, "after_cursor_execute", record)
-    try:
-        async with _work(engine, database, witness, single_statement=True) as work:
+    with server.observing(record):
+        async with _work(server, witness, single_statement=True) as work:
             work.emit(created)
             statement, _ = _task(owner, "one")
-            await work.execute(statement.returning(TASKS.c.id))
+            await work.fetch(statement.returning(TASKS.c.id))
             work.touches(f"owner:{owner}")
-    finally:
-        event.remove(engine.sync_engine, "after_cursor_execute", record)
     [(statement, in_transaction)] = sent
     assert "INSERT INTO events" in statement
     assert "INSERT INTO deliveries" in statement
@@ -199,16 +198,16 @@ async def test_a_single_statement_carries_its_events_outside_a_transaction(
 
 
 async def test_a_single_statement_refuses_a_second_one_and_a_late_event(
-    engine, database, witness, owner
+    engine, server, witness, owner
 ):
     async def two_statements() -> None:
-        async with _work(engine, database, witness, single_statement=True) as work:
-            await work.execute(*_task(owner, "one"))
-            await work.execute(*_task(owner, "two"))
+        async with _work(server, witness, single_statement=True) as work:
+            await work.fetch(*_task(owner, "one"))
+            await work.fetch(*_task(owner, "two"))
 
     async def a_late_event() -> None:
-        async with _work(engine, database, witness, single_statement=True) as work:
-            await work.execute(*_task(owner, "three"))
+        async with _work(server, witness, single_statement=True) as work:
+            await work.fetch(*_task(owner, "three"))
             work.emit(_created(owner))
 
     with pytest.raises(RuntimeError, match="second statement"):
@@ -219,8 +218,8 @@ async def test_a_single_statement_refuses_a_second_one_and_a_late_event(
     assert await _count(engine, "tasks", owner) == 2
 
 
-async def test_events_alone_are_the_change(engine, database, witness, owner):
-    async with _work(engine, database, witness, single_statement=True) as work:
+async def test_events_alone_are_the_change(engine, server, witness, owner):
+    async with _work(server, witness, single_statement=True) as work:
         work.emit(_created(owner))
         work.emit(_created(owner))
     assert await _count(engine, "events", owner) == 2
@@ -233,12 +232,12 @@ async def test_a_lost_answer_forgets_what_the_change_may_have_touched(
     make_settings: SettingsFactory, witness, owner
 ):
     database = make_settings(database={"command_timeout": 0.3}).database
-    engine = create_engine(database)
+    server = await DatabaseServer.open(database)
 
     async def lose(*views: str, single_statement: bool = True) -> None:
-        async with _work(engine, database, witness, single_statement=single_statement) as work:
+        async with _work(server, witness, single_statement=single_statement) as work:
             work.may_touch(*views)
-            await work.execute(text("SELECT pg_sleep(2)"))
+            await work.fetch(text("SELECT pg_sleep(2)"))
 
     try:
         with pytest.raises(OutcomeUnknownError):
@@ -251,34 +250,34 @@ async def test_a_lost_answer_forgets_what_the_change_may_have_touched(
             await lose(f"owner:{owner}", single_statement=False)
         assert not isinstance(raised.value, OutcomeUnknownError)
     finally:
-        await engine.dispose()
+        await server.aclose()
     assert [(kind, views) for kind, views, _ in witness.calls] == [
         ("invalidate", (f"owner:{owner}", "admin")),
         ("invalidate_all", ()),
     ]
 
 
-async def test_nothing_changed_forgets_nothing(engine, database, witness, owner):
-    async with _work(engine, database, witness, single_statement=True) as work:
+async def test_nothing_changed_forgets_nothing(engine, server, witness, owner):
+    async with _work(server, witness, single_statement=True) as work:
         work.may_touch(f"owner:{owner}")
-        result = await work.execute(
+        result = await work.fetch(
             update(TASKS).where(TASKS.c.owner == owner).values(title="x").returning(TASKS.c.id)
         )
-        assert result.all() == []
+        assert result == []
     assert witness.calls == []
 
 
 async def test_the_gate_is_passed_before_the_first_statement_or_refuses_it(
-    engine, database, witness, owner
+    engine, server, witness, owner
 ):
     passed: list[str] = []
 
     async def gate() -> None:
         passed.append("gate")
 
-    async with _work(engine, database, witness, gate=gate) as work:
-        await work.execute(*_task(owner, "one"))
-        await work.execute(*_task(owner, "two"))
+    async with _work(server, witness, gate=gate) as work:
+        await work.fetch(*_task(owner, "one"))
+        await work.fetch(*_task(owner, "two"))
     assert passed == ["gate"]
 
     class Refused(Exception):
@@ -288,8 +287,8 @@ async def test_the_gate_is_passed_before_the_first_statement_or_refuses_it(
         raise Refused
 
     async def refused() -> None:
-        async with _work(engine, database, witness, gate=refusing) as work:
-            await work.execute(*_task(owner, "three"))
+        async with _work(server, witness, gate=refusing) as work:
+            await work.fetch(*_task(owner, "three"))
 
     with pytest.raises(Refused):
         await refused()
@@ -297,22 +296,22 @@ async def test_the_gate_is_passed_before_the_first_statement_or_refuses_it(
 
 
 async def test_a_connection_back_from_a_transaction_commits_each_statement_again(
-    make_settings: SettingsFactory, witness, owner
+    make_settings: SettingsFactory, engine, witness, owner
 ):
     database = make_settings(database={"pool_size": 1, "max_overflow": 0}).database
-    engine = create_engine(database)
+    server = await DatabaseServer.open(database)
     inside: list[bool] = []
 
-    def record(conn, cursor, statement, parameters, context, executemany):
-        if statement.startswith("INSERT"):
-            inside.append(conn.connection.dbapi_connection._connection.is_in_transaction())
+    def record(statement: str, arguments: Sequence[Any], in_transaction: bool) -> None:
+        inside.append(in_transaction)
 
-    event.listen(engine.sync_engine, "after_cursor_execute", record)
     try:
-        async with _work(engine, database, witness) as work:
-            await work.execute(*_task(owner, "in a transaction"))
-        async with _work(engine, database, witness, single_statement=True) as work:
-            await work.execute(*_task(owner, "alone"))  # on the pool's one connection
+        with server.observing(record):
+            async with _work(server, witness) as work:
+                await work.fetch(*_task(owner, "in a transaction"))
+            async with _work(server, witness, single_statement=True) as work:
+                await work.fetch(*_task(owner, "alone"))  # on the pool's one connection
     finally:
-        await engine.dispose()
+        await server.aclose()
     assert inside == [True, False]
+    assert await _count(engine, "tasks", owner) == 2

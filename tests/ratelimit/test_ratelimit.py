@@ -13,7 +13,6 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from redis.asyncio import Redis
-from sqlalchemy import event
 
 from taskapp.app import create_app
 from taskapp.config import Rate, RateLimitSettings
@@ -120,19 +119,12 @@ async def test_refused_requests_do_no_database_work(
     async with limited_app(make_settings, per_user="1/minute") as (app, client):
         alice = oidc.auth("alice")
         assert (await client.get("/tasks", headers=alice)).status_code == 200
-        statements: list[str] = []
-
-        def capture(*args: Any) -> None:
-            statements.append(args[2])
-
-        event.listen(app_state(app).engine.sync_engine, "before_cursor_execute", capture)
-        try:
+        with task_queries(app) as statements:
             for _ in range(5):
                 refused = await client.post("/tasks", json={"title": "x"}, headers=alice)
                 assert refused.status_code == 429
-        finally:
-            event.remove(app_state(app).engine.sync_engine, "before_cursor_execute", capture)
-        assert statements == []
+            assert (await client.get("/tasks", headers=oidc.auth("bob"))).status_code == 200
+        assert len(statements) == 1, statements  # bob's page, and nothing of alice's
 
 
 @pytest.mark.parametrize(

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
-
-from sqlalchemy import event
 
 from tests.conftest import app_state
 
@@ -16,18 +14,15 @@ PARTITION = re.compile(r"tasks_p\d+")
 
 
 @contextmanager
-def captured_statements(engine: Any) -> Iterator[list[tuple[str, Any]]]:
-    """The SQL the service really sends, with its parameters."""
-    statements: list[tuple[str, Any]] = []
+def captured_statements(app: Any) -> Iterator[list[tuple[str, Sequence[Any]]]]:
+    """The SQL the service really sends to the primary, with its arguments."""
+    statements: list[tuple[str, Sequence[Any]]] = []
 
-    def capture(conn, cursor, statement, parameters, context, executemany):
-        statements.append((statement, parameters))
+    def capture(statement: str, arguments: Sequence[Any], in_transaction: bool) -> None:
+        statements.append((statement, arguments))
 
-    event.listen(engine.sync_engine, "before_cursor_execute", capture)
-    try:
+    with app_state(app).database.observing(capture):
         yield statements
-    finally:
-        event.remove(engine.sync_engine, "before_cursor_execute", capture)
 
 
 def _relations(plan: Any) -> list[tuple[str, str]]:
@@ -42,13 +37,11 @@ def _relations(plan: Any) -> list[tuple[str, str]]:
     return found
 
 
-async def _explain(engine: Any, statement: str, parameters: Any) -> list[tuple[str, str]]:
-    async with engine.connect() as connection:
+async def _explain(app: Any, statement: str, arguments: Sequence[Any]) -> list[tuple[str, str]]:
+    async with app_state(app).database.pool.acquire() as connection, connection.transaction():
         # Tiny test tables would make a sequential scan cheapest; ask whether an index serves.
-        await connection.exec_driver_sql("SET enable_seqscan = off")
-        result = await connection.exec_driver_sql("EXPLAIN (FORMAT JSON) " + statement, parameters)
-        raw = result.scalar()
-        await connection.rollback()
+        await connection.execute("SET LOCAL enable_seqscan = off")
+        raw = await connection.fetchval("EXPLAIN (FORMAT JSON) " + statement, *arguments)
     plan = (json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"]
     return _relations(plan)
 
@@ -59,20 +52,24 @@ def _literal(value: Any) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-async def _explain_generic(engine: Any, statement: str, parameters: Any) -> list[tuple[str, str]]:
+async def _explain_generic(
+    app: Any, statement: str, arguments: Sequence[Any]
+) -> list[tuple[str, str]]:
     """The scans that the generic plan (what the API runs) executes, pruned ones left out."""
-    async with engine.connect() as connection:
-        await connection.exec_driver_sql("SET enable_seqscan = off")
-        await connection.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
-        await connection.exec_driver_sql(f"PREPARE probe AS {statement}")
-        arguments = ", ".join(_literal(value) for value in parameters)
-        result = await connection.exec_driver_sql(
-            f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE probe({arguments})"
-        )
-        raw = result.scalar()
-        await connection.rollback()  # the UPDATE ran: undo it
-        await connection.exec_driver_sql("DEALLOCATE probe")  # it outlives the transaction
-        await connection.rollback()
+    async with app_state(app).database.pool.acquire() as connection:
+        transaction = connection.transaction()
+        await transaction.start()
+        try:
+            await connection.execute("SET LOCAL enable_seqscan = off")
+            await connection.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            await connection.execute(f"PREPARE probe AS {statement}")
+            values = ", ".join(_literal(value) for value in arguments)
+            raw = await connection.fetchval(
+                f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE probe({values})"
+            )
+        finally:
+            await transaction.rollback()  # the UPDATE ran: undo it
+        await connection.execute("DEALLOCATE probe")  # it outlives the transaction
     plan = (json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"]
     return _relations(plan)
 
@@ -87,8 +84,7 @@ async def test_user_queries_hit_one_partition_through_an_index(client, app, oidc
             assert response.status_code == 201
     task_id = (await client.get("/tasks", headers=user)).json()["items"][0]["id"]
 
-    engine = app_state(app).engine
-    with captured_statements(engine) as statements:
+    with captured_statements(app) as statements:
         assert (await client.get("/tasks?page=1&page_size=2", headers=user)).status_code == 200
         assert (await client.get("/tasks?status=pending", headers=user)).status_code == 200
         assert (await client.get(f"/tasks/{task_id}", headers=user)).status_code == 200
@@ -103,7 +99,7 @@ async def test_user_queries_hit_one_partition_through_an_index(client, app, oidc
     assert len(queries) == 4  # a page (count included) twice, get, update
     for statement, parameters in queries:
         for explain in (_explain, _explain_generic):
-            scans = await explain(engine, statement, parameters)
+            scans = await explain(app, statement, parameters)
             partitions = {relation for _, relation in scans if PARTITION.fullmatch(relation)}
             assert len(partitions) == 1, (explain.__name__, statement, scans)
             assert all("Index" in node for node, _ in scans), (explain.__name__, statement, scans)
@@ -112,27 +108,26 @@ async def test_user_queries_hit_one_partition_through_an_index(client, app, oidc
 async def test_admin_lookup_by_id_uses_the_id_index(client, app, oidc):
     created = await client.post("/tasks", json={"title": "x"}, headers=oidc.auth("alice"))
     admin = oidc.auth("root", roles=["admin"])
-    with captured_statements(app_state(app).engine) as statements:
+    with captured_statements(app) as statements:
         response = await client.get(f"/tasks/{created.json()['id']}", headers=admin)
         assert response.status_code == 200
     statement, parameters = next((s, p) for s, p in statements if "FROM tasks" in s)
-    scans = await _explain(app_state(app).engine, statement, parameters)
+    scans = await _explain(app, statement, parameters)
     # No owner to prune by: every partition is probed, each through its id index.
     assert {relation for _, relation in scans} == {f"tasks_p{i}" for i in range(8)}
     assert all("Index" in node for node, _ in scans), scans
 
 
 async def test_the_api_plans_statements_once_per_connection(app):
-    async with app_state(app).engine.connect() as connection:
-        mode = await connection.exec_driver_sql("SHOW plan_cache_mode")
-        assert mode.scalar() == "force_generic_plan"
+    async with app_state(app).database.pool.acquire() as connection:
+        assert await connection.fetchval("SHOW plan_cache_mode") == "force_generic_plan"
 
 
 async def test_admin_pages_carry_their_bounds_in_the_sql(client, app, oidc):
     """Across all owners a generic plan made without LIMIT reads the whole table, so the
     page bounds are written into the statement and the planner sees them."""
     admin = oidc.auth("root", roles=["admin"])
-    with captured_statements(app_state(app).engine) as statements:
+    with captured_statements(app) as statements:
         assert (await client.get("/tasks?page=3&page_size=7", headers=admin)).status_code == 200
         owned = await client.get("/tasks?page=3&page_size=7&owner=alice", headers=admin)
         assert owned.status_code == 200

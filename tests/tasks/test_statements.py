@@ -3,14 +3,12 @@ commits on its own, with no BEGIN and COMMIT round trips."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import event
-from sqlalchemy.engine.interfaces import CacheStats
-
 from taskapp.app import create_app
+from taskapp.database.driver import compilations
 from tests.conftest import SettingsFactory, app_state, running
 
 # A broker nobody listens on: the events are recorded, their hand-off fails quietly.
@@ -18,36 +16,32 @@ UNREACHABLE = "redis://127.0.0.1:9/0"
 
 
 @contextmanager
-def in_transaction_after_each_statement(engine: Any) -> Iterator[list[tuple[str, bool]]]:
+def in_transaction_after_each_statement(app: Any) -> Iterator[list[tuple[str, bool]]]:
     """(statement, whether the server connection was inside a transaction after it)."""
     seen: list[tuple[str, bool]] = []
 
-    def record(conn, cursor, statement, parameters, context, executemany):
+    def record(statement: str, arguments: Sequence[Any], in_transaction: bool) -> None:
         if "tasks" in statement or "events" in statement:
-            asyncpg_connection = conn.connection.dbapi_connection._connection
-            seen.append((statement.split()[0].upper(), asyncpg_connection.is_in_transaction()))
+            seen.append((statement.split()[0].upper(), in_transaction))
 
-    event.listen(engine.sync_engine, "after_cursor_execute", record)
-    try:
+    with app_state(app).database.observing(record):
         yield seen
-    finally:
-        event.remove(engine.sync_engine, "after_cursor_execute", record)
 
 
 async def test_each_change_is_one_statement_outside_a_transaction(client, app, oidc):
     alice, admin = oidc.auth("alice"), oidc.auth("root", roles=["admin"])
-    with in_transaction_after_each_statement(app_state(app).engine) as seen:
+    with in_transaction_after_each_statement(app) as seen:
         created = await client.post("/tasks", json={"title": "one"}, headers=alice)
         assert created.status_code == 201
     assert seen == [("INSERT", False)]
 
     task_id = created.json()["id"]
-    with in_transaction_after_each_statement(app_state(app).engine) as seen:
+    with in_transaction_after_each_statement(app) as seen:
         patched = await client.patch(f"/tasks/{task_id}", json={"title": "two"}, headers=alice)
         assert patched.status_code == 200
     assert seen == [("UPDATE", False)]
 
-    with in_transaction_after_each_statement(app_state(app).engine) as seen:
+    with in_transaction_after_each_statement(app) as seen:
         assert (await client.delete(f"/tasks/{task_id}", headers=admin)).status_code == 204
     assert seen == [("DELETE", False)]
 
@@ -56,7 +50,7 @@ async def test_reads_run_outside_a_transaction(client, app, oidc):
     alice = oidc.auth("alice")
     created = await client.post("/tasks", json={"title": "one"}, headers=alice)
     await app_state(app).cache.clear()  # the reads must reach the database
-    with in_transaction_after_each_statement(app_state(app).engine) as seen:
+    with in_transaction_after_each_statement(app) as seen:
         assert (await client.get("/tasks", headers=alice)).status_code == 200
         task = await client.get(f"/tasks/{created.json()['id']}", headers=alice)
         assert task.status_code == 200
@@ -68,17 +62,16 @@ async def test_every_statement_is_compiled_once_then_taken_from_the_cache(
     make_settings: SettingsFactory, oidc
 ):
     """Compiling a statement costs more than running it: each the API sends, a create with
-    its events included, is built once and found in SQLAlchemy's cache after."""
+    its events included, is built and compiled once, and found compiled after."""
     app = create_app(make_settings(notifications={"enabled": True}, broker_url=UNREACHABLE))
-    kinds: list[tuple[str, object]] = []
+    kinds: list[str] = []
 
-    def record(conn, cursor, statement, parameters, context, executemany):
+    def record(statement: str, arguments: Sequence[Any], in_transaction: bool) -> None:
         if "tasks" in statement:
-            kinds.append((statement.split()[0].upper(), context.cache_hit))
+            kinds.append(statement.split()[0].upper())
 
     async with running(app) as client:
         alice, admin = oidc.auth("alice"), oidc.auth("root", roles=["admin"])
-        engine = app_state(app).engine
 
         async def every_kind(n: int) -> None:
             created = await client.post("/tasks", json={"title": f"t{n}"}, headers=alice)
@@ -94,10 +87,9 @@ async def test_every_statement_is_compiled_once_then_taken_from_the_cache(
             assert (await client.delete(f"/tasks/{task}", headers=admin)).status_code == 204
 
         await every_kind(0)  # compiled here, if not by an earlier test
-        event.listen(engine.sync_engine, "after_cursor_execute", record)
-        try:
+        compiled = compilations()
+        with app_state(app).database.observing(record):
             await every_kind(1)
-        finally:
-            event.remove(engine.sync_engine, "after_cursor_execute", record)
-    assert [kind for kind, _ in kinds] == ["WITH", "SELECT", "SELECT", "UPDATE", "DELETE"]
-    assert {hit for _, hit in kinds} == {CacheStats.CACHE_HIT}, kinds
+            await every_kind(2)
+        assert compilations() == compiled
+    assert kinds == ["WITH", "SELECT", "SELECT", "UPDATE", "DELETE"] * 2
