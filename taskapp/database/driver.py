@@ -142,6 +142,10 @@ class Connection:
             rows: list[Record] = await self.raw.fetch(sql, *arguments)
         except Exception as exc:
             DB_ERRORS.labels(type(exc).__name__).inc()
+            if isinstance(exc, asyncpg.InternalClientError):
+                # The connection's protocol is mid-exchange (a server that went away while a
+                # statement was prepared): no later statement can run on it.
+                self.raw.terminate()
             raise
         _LATENCY(plan.operation).observe(time.perf_counter() - started)
         for observer in self._observers:

@@ -47,8 +47,9 @@ def unavailable(exc: BaseException) -> type[DatabaseUnavailableError] | None:
     """The outage `exc` stands for, or None when it is a real bug."""
     if isinstance(exc, sa_exc.TimeoutError):
         return DatabaseBusyError
-    if isinstance(exc, asyncpg.InterfaceError):
-        # The driver's own: the connection is closed or was lost mid-statement.
+    if isinstance(exc, asyncpg.InterfaceError | asyncpg.InternalClientError):
+        # The driver's own: the connection is closed, was lost mid-statement, or was left
+        # mid-exchange by a server that went away ("another operation is in progress").
         return DatabaseUnavailableError
     if isinstance(exc, asyncpg.PostgresError):
         return _by_sqlstate(exc)

@@ -1,6 +1,7 @@
 """Statements on asyncpg: compiled once into asyncpg's SQL with their parameters in order and
 their types' bind processing, run on the requests' pool, timed and counted; connections
-come back from a request with no transaction left open."""
+come back from a request with no transaction left open; asyncpg's failures are outages (503)
+only when the database cannot serve."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
+import asyncpg
 import pytest
 from sqlalchemy import Integer, Table, bindparam, insert, literal_column, select, text
 
 from taskapp.config import DatabaseSettings
 from taskapp.database.driver import compiled
+from taskapp.database.outages import DatabaseUnavailableError, unavailable
 from taskapp.database.servers import DatabaseServer, server_connection
 from taskapp.events.models import Event
 from taskapp.tasks.models import Task
@@ -166,3 +169,28 @@ async def test_a_connection_comes_back_with_no_transaction_left_open(server: Dat
             )
     assert rows == []
     assert seen == [False]
+
+
+@pytest.mark.parametrize(
+    ("error", "outage"),
+    [
+        (asyncpg.exceptions.ConnectionDoesNotExistError("lost"), DatabaseUnavailableError),
+        (asyncpg.exceptions.InterfaceError("connection is closed"), DatabaseUnavailableError),
+        (
+            asyncpg.exceptions.InternalClientError("another operation (2) is in progress"),
+            DatabaseUnavailableError,
+        ),
+        (asyncpg.exceptions.AdminShutdownError("shutting down"), DatabaseUnavailableError),
+        (asyncpg.exceptions.CannotConnectNowError("starting up"), DatabaseUnavailableError),
+        (asyncpg.exceptions.TooManyConnectionsError("too many"), DatabaseUnavailableError),
+        (asyncpg.exceptions.QueryCanceledError("statement timeout"), DatabaseUnavailableError),
+        (ConnectionRefusedError(111, "refused"), DatabaseUnavailableError),
+        (TimeoutError(), DatabaseUnavailableError),
+        (asyncpg.exceptions.UniqueViolationError("duplicate"), None),
+        (asyncpg.exceptions.UndefinedColumnError("no column"), None),
+        (asyncpg.exceptions.SerializationError("conflict with recovery"), None),
+        (ValueError("a bug"), None),
+    ],
+)
+def test_asyncpg_failures_are_outages_only_when_the_database_cannot_serve(error, outage):
+    assert unavailable(error) is outage
