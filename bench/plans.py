@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from taskapp.database.driver import Connection, dsn
+from taskapp.database.driver import Connection, connect_arguments
 from taskapp.tasks.repository import TaskRepository
 
 PARTITION = re.compile(r"tasks_p\d+")
@@ -113,7 +113,7 @@ async def explain_scenarios(
     then asked whether an index serves.
     """
     identifier = uuid.UUID(task_id)
-    raw = await asyncpg.connect(dsn(database_url))
+    raw = await asyncpg.connect(**connect_arguments(database_url))
     try:
         async with _rolled_back(raw):
             await raw.execute("SET LOCAL plan_cache_mode = force_generic_plan")

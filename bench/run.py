@@ -141,6 +141,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help="smoke run: 100k rows, 5 s per scenario"
     )
     parser.add_argument(
+        "--database-tls",
+        action="store_true",
+        help="reach the local PostgreSQL over TLS when it offers it (Debian's does); by "
+        "default the service connects over loopback without TLS, as in deploy/compose.yml",
+    )
+    parser.add_argument(
         "--baseline",
         type=Path,
         metavar="CHECKOUT",
@@ -562,14 +568,28 @@ def _asyncpg(url: str) -> str:
     return url.replace("postgresql://", "postgresql+asyncpg://", 1)
 
 
+# The service's URL for the local server unless --database-tls: loopback without TLS, as the
+# deployment's database (the postgres image offers no TLS; Debian's server does by default).
+_NO_TLS = "ssl=disable"
+
+
+def _service_url(url: str, tls: bool) -> str:
+    url = _asyncpg(url)
+    return url if tls else f"{url}{'&' if '?' in url else '?'}{_NO_TLS}"
+
+
 def _topology(
-    stack: contextlib.ExitStack, work: Path, topology: str
+    stack: contextlib.ExitStack, work: Path, topology: str, tls: bool
 ) -> tuple[str, str, Callable[[str], dict[str, str]]]:
     """The database to seed, the Redis URL, and the service's database settings for it."""
     if topology in {"direct", "pgbouncer"}:
         database_url, redis_url = stack.enter_context(_services(work))
         if topology == "direct":
-            return database_url, redis_url, lambda url: {"TASKAPP_DATABASE_URL": _asyncpg(url)}
+            return (
+                database_url,
+                redis_url,
+                lambda url: {"TASKAPP_DATABASE_URL": _service_url(url, tls)},
+            )
         if not Path(PGBOUNCER).exists():
             sys.exit("bench: PgBouncer not found (apt-get install pgbouncer)")
         # As many server connections as the two workers' pools could use.
@@ -601,7 +621,7 @@ def _topology(
 
 def prepare_data(stack: contextlib.ExitStack, work: Path, args: argparse.Namespace) -> Prepared:
     """Services (local or embedded, released by `stack`), migrated and seeded per `args`."""
-    database_url, redis_url, server_env = _topology(stack, work, args.topology)
+    database_url, redis_url, server_env = _topology(stack, work, args.topology, args.database_tls)
     async_url = _asyncpg(database_url)
     upgrade_database(async_url)
     started = time.monotonic()
@@ -639,7 +659,7 @@ def prepare_baseline(
         data.redis_url,
         dataset,
         seeded,
-        {"TASKAPP_DATABASE_URL": _asyncpg(database_url)},
+        {"TASKAPP_DATABASE_URL": _service_url(database_url, args.database_tls)},
     )
 
 
@@ -761,7 +781,17 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"\n{args.workers} workers each; wrk -t{args.threads} -c{args.connections}, "
             f"{args.warmup} s warm-up + {args.duration} s per scenario; the ceiling answers "
-            f"the {len(service.page)} bytes of the hot owner's page 1\n"
+            f"the {len(service.page)} bytes of the hot owner's page 1"
+        )
+        print(
+            "production settings but for TASKAPP_RATE_LIMIT=1000000/second (the limiter counts "
+            "every request, never refuses one)"
+            + (
+                ""
+                if args.database_tls or args.topology != "direct"
+                else "; PostgreSQL over loopback without TLS, as deployed (--database-tls: with it)"
+            )
+            + "\n"
         )
         present_tokens(args, service)
         if baseline is not None:

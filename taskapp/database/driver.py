@@ -160,9 +160,12 @@ class Connection:
         return rows[0] if rows else None
 
 
-def dsn(url: str) -> str:
-    """The URL as asyncpg takes it (no `+asyncpg` driver name)."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+def connect_arguments(url: str) -> dict[str, Any]:
+    """`asyncpg.connect`'s arguments for a database URL, read as SQLAlchemy's asyncpg dialect
+    reads it, so that a URL means the same to both (`?ssl=require`, `?host=/run/postgresql`)."""
+    _, arguments = _DIALECT.create_connect_args(make_url(url))  # type: ignore[no-untyped-call]
+    arguments.pop("prepared_statement_cache_size", None)  # SQLAlchemy's own
+    return dict(arguments)
 
 
 async def _reset(connection: asyncpg.Connection) -> None:
@@ -209,7 +212,7 @@ async def create_pool(
     if settings.pgbouncer:
         options["statement_cache_size"] = 0
     pool: asyncpg.Pool = await asyncpg.create_pool(
-        dsn(url),
+        **connect_arguments(url),
         min_size=0,
         max_size=settings.pool_size + settings.max_overflow,
         max_inactive_connection_lifetime=max(settings.pool_recycle, 0),

@@ -194,3 +194,19 @@ async def test_a_connection_comes_back_with_no_transaction_left_open(server: Dat
 )
 def test_asyncpg_failures_are_outages_only_when_the_database_cannot_serve(error, outage):
     assert unavailable(error) is outage
+
+
+@pytest.mark.parametrize("query", ["", "?ssl=disable", "?prepared_statement_cache_size=0"])
+async def test_a_url_means_what_it_means_to_sqlalchemy(make_settings: SettingsFactory, query):
+    settings = make_settings().database
+    url = settings.url.get_secret_value() + query
+    server = await DatabaseServer.open(settings, url=url)
+    try:
+        async with server_connection(server) as connection:
+            [row] = await connection.fetch(
+                text("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            )
+    finally:
+        await server.aclose()
+    if query == "?ssl=disable":
+        assert row["ssl"] is False
