@@ -28,6 +28,7 @@ from taskapp.observability.database import instrument, probing
 from taskapp.ratelimit.limiter import RateLimiter
 from taskapp.redis.cache import ResponseCache
 from taskapp.redis.client import create_redis
+from taskapp.redis.scripts import Scripts
 
 # Where the state waits in the lifespan state that every request's scope carries.
 _KEY = "taskapp"
@@ -46,6 +47,7 @@ class State:
     database: DatabaseServer
     replica: ReadReplica | None
     redis: Redis
+    scripts: Scripts
     cache: ResponseCache
     rate_limiter: RateLimiter
     outbox: Outbox
@@ -99,8 +101,11 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
         stack.push_async_callback(primary.aclose)
         redis = create_redis(settings.redis)
         stack.push_async_callback(redis.aclose)
+        scripts = Scripts(redis)
+        stack.push_async_callback(scripts.aclose)
         cache = ResponseCache(
             redis,
+            scripts,
             settings.cache,
             key_prefix=settings.redis.key_prefix,
             track_writes=database.replica_url is not None,
@@ -140,9 +145,10 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
             database=primary,
             replica=replica,
             redis=redis,
+            scripts=scripts,
             cache=cache,
             rate_limiter=RateLimiter(
-                redis, key_prefix=settings.redis.key_prefix, timeout=settings.ratelimit.timeout
+                scripts, key_prefix=settings.redis.key_prefix, timeout=settings.ratelimit.timeout
             ),
             outbox=outbox,
             tokens=TokenVerifier(

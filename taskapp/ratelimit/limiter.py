@@ -8,10 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
-
 from taskapp.config import Rate
-from taskapp.redis.scripts import source
+from taskapp.redis.scripts import Scripts, source
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,8 +32,8 @@ class Decision:
 
 
 class RateLimiter:
-    def __init__(self, redis: Redis, *, key_prefix: str, timeout: float) -> None:
-        self._script = redis.register_script(source("gcra", "rate_limit"))
+    def __init__(self, scripts: Scripts, *, key_prefix: str, timeout: float) -> None:
+        self._script = scripts.register(source("gcra", "rate_limit"))
         self._prefix = f"{key_prefix}rl:"
         self._timeout = timeout
 

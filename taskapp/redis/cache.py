@@ -37,7 +37,7 @@ from redis.asyncio import Redis
 from taskapp.config import CacheSettings
 from taskapp.observability.metrics import CACHE_ERRORS, CACHE_REQUESTS, Labelled
 from taskapp.redis.client import REDIS_FAILURES, RedisBreaker
-from taskapp.redis.scripts import source
+from taskapp.redis.scripts import Scripts, source
 
 logger = logging.getLogger(__name__)
 _LOOKUPS = Labelled(CACHE_REQUESTS)
@@ -84,19 +84,26 @@ class ResponseCache:
     """Serialized responses by (view, key), with single-flight loading on a miss."""
 
     def __init__(
-        self, redis: Redis, settings: CacheSettings, *, key_prefix: str, track_writes: bool = False
+        self,
+        redis: Redis,
+        scripts: Scripts,
+        settings: CacheSettings,
+        *,
+        key_prefix: str,
+        track_writes: bool = False,
     ) -> None:
-        """`track_writes`: record the time of writes even with the cache off (for a replica)."""
+        """`scripts` runs the cache's Lua scripts; `track_writes`: record the time of writes
+        even with the cache off (for a replica)."""
         self._redis = redis
         self._settings = settings
         self._track_writes = track_writes
         self._prefix = f"{key_prefix}cache:"
         self._epoch_key = f"{self._prefix}epoch"
-        self._lookup = redis.register_script(source("gcra", "cache_lookup"))
-        self._store = redis.register_script(source("cache_store"))
-        self._release = redis.register_script(source("cache_release"))
-        self._bump = redis.register_script(source("clock", "cache_bump"))
-        self._now = redis.register_script(source("clock", "clock_now"))
+        self._lookup = scripts.register(source("gcra", "cache_lookup"))
+        self._store = scripts.register(source("cache_store"))
+        self._release = scripts.register(source("cache_release"))
+        self._bump = scripts.register(source("clock", "cache_bump"))
+        self._now = scripts.register(source("clock", "clock_now"))
         self._clock_key = f"{self._prefix}clock"
         self._breaker = RedisBreaker(
             logger, "response cache", retry_interval=settings.retry_interval

@@ -18,6 +18,7 @@ from taskapp.app import create_app
 from taskapp.config import Rate, RateLimitSettings
 from taskapp.ratelimit.limiter import RateLimiter
 from taskapp.ratelimit.middleware import client_ip
+from taskapp.redis.scripts import Scripts
 from testing.oidc import OIDCProvider
 from testing.services import private_redis
 from tests.conftest import SettingsFactory, app_state, running
@@ -252,7 +253,7 @@ async def test_openapi_documents_429(client: httpx.AsyncClient):
 async def test_very_high_rates_work(redis_url: str):
     """A rate whose interval is below a millisecond's float precision (here 0.1 µs)."""
     limiter = RateLimiter(
-        Redis.from_url(redis_url), key_prefix=f"test-{uuid.uuid4().hex}:", timeout=1
+        Scripts(Redis.from_url(redis_url)), key_prefix=f"test-{uuid.uuid4().hex}:", timeout=1
     )
     for _ in range(3):
         decision = await limiter.hit("user:x", Rate(10_000_000, 1))
@@ -269,7 +270,7 @@ async def test_a_cached_read_is_counted_and_answered_in_one_redis_round_trip(
     async with limited_app(make_settings, per_user="10/minute") as (app, client):
         alice = oidc.auth("alice")
         assert (await client.get("/tasks", headers=alice)).status_code == 200  # fills the cache
-        sent = sent_redis_commands(monkeypatch, app_state(app).redis)
+        sent = sent_redis_commands(monkeypatch, app_state(app))
         with task_queries(app) as statements:
             response = await client.get("/tasks", headers=alice)
         assert sent == ["EVALSHA"]

@@ -349,7 +349,7 @@ async def test_a_loaded_entry_rides_with_the_next_lookup(
     """The store of a miss costs no round trip of its own when another lookup follows."""
     alice = oidc.auth("alice")
     task = await create(client, alice, title="carried")
-    sent = sent_redis_commands(monkeypatch, app_state(app).cache._redis)
+    sent = sent_redis_commands(monkeypatch, app_state(app))
     await app_state(app).cache.clear()  # the reads must reach the database
     sent.clear()
     with task_queries(app) as statements:
