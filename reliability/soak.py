@@ -115,6 +115,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--topology", choices=TOPOLOGIES, default="direct", help="as `make bench` --topology"
     )
+    parser.add_argument(
+        "--database-tls", action="store_true", help="as `make bench` --database-tls"
+    )
     args = parser.parse_args(argv)
     args.owners = args.owners or max(100, args.rows // 100)
     if args.rate <= 0 or args.duration < args.segment or args.segment <= 0:
