@@ -114,6 +114,8 @@ def _compile(statement: Executable) -> Compiled:
     if numbers != set(range(1, len(names) + 1)):
         raise TypeError(f"unexpected placeholders in {sql!r}")
     binds = [compiled_.binds[name] for name in names]
+    if any(bind.callable is not None for bind in binds):
+        raise TypeError("a value computed per execution (bindparam callable_) is not supported")
     values = tuple(_REQUIRED if bind.required else bind.effective_value for bind in binds)
     processors = tuple(bind.type._cached_bind_processor(_DIALECT) for bind in binds)
     return Compiled(sql, names, values, processors, literals, operation(sql))

@@ -86,6 +86,9 @@ def test_a_value_only_python_would_compute_is_refused():
     # tasks.id has a Python-side default (uuid4): SQLAlchemy's execution layer would fill it.
     with pytest.raises(TypeError, match="binds every value"):
         compiled(insert(TASKS).values(owner="o", title="t"))
+    # A value computed at each execution would be frozen at the first one.
+    with pytest.raises(TypeError, match="per execution"):
+        compiled(select(TASKS.c.id).where(TASKS.c.owner == bindparam("o", callable_=str)))
 
 
 async def test_json_is_serialized_as_sqlalchemy_would_and_stored(server: DatabaseServer):
@@ -199,6 +202,7 @@ def test_asyncpg_failures_are_outages_only_when_the_database_cannot_serve(error,
 @pytest.mark.parametrize("query", ["", "?ssl=disable", "?prepared_statement_cache_size=0"])
 async def test_a_url_means_what_it_means_to_sqlalchemy(make_settings: SettingsFactory, query):
     settings = make_settings().database
+    assert settings.url is not None
     url = settings.url.get_secret_value() + query
     server = await DatabaseServer.open(settings, url=url)
     try:

@@ -27,11 +27,6 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-async def _clients(redis: Redis) -> set[str]:
-    """The names of the connections the server has."""
-    return {client["name"] for client in await redis.client_list()}
-
-
 async def test_a_script_the_server_does_not_know_is_loaded_and_run(redis: Redis):
     scripts = Scripts(redis)
     script = scripts.register(f"return ARGV[1] .. '{uuid.uuid4()}'")
@@ -57,11 +52,10 @@ async def test_a_connection_the_server_closed_is_replaced_unnoticed(redis: Redis
     echo = scripts.register(ECHO)
     assert await echo(args=["before"]) == b"before"
     [connection] = scripts._idle
-    name = f"killed-{uuid.uuid4().hex}"
-    await scripts._command(connection, ("CLIENT", "SETNAME", name))
-    assert await redis.client_kill_filter(_type="normal", skipme=True, laddr=None) >= 1
+    client_id = await scripts._command(connection, ("CLIENT", "ID"))
+    assert await redis.client_kill_filter(_id=client_id) == 1  # that connection only
     await asyncio.sleep(0.1)  # the close reaches the idle connection's socket
-    assert name not in await _clients(redis)
+    assert str(client_id) not in {client["id"] for client in await redis.client_list()}
     assert await echo(args=["after"]) == b"after"
     assert scripts._idle != [connection]
     await scripts.aclose()
@@ -91,3 +85,22 @@ async def test_redis_down_is_a_redis_failure_and_keeps_no_connection(redis: Redi
     assert isinstance(raised.value, RedisConnectionError | OSError)
     assert scripts._idle == []
     await down.aclose()
+
+
+async def test_a_server_that_never_answers_costs_one_socket_timeout():
+    """The client's socket timeout bounds each step of a call (connect, send, reply)."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accepts, reads, never answers
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    frozen = Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=0.3)
+    scripts = Scripts(frozen)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(REDIS_FAILURES):
+        await scripts.register(ECHO)(args=["x"])
+    assert asyncio.get_running_loop().time() - started < 1.5
+    assert scripts._idle == []
+    await frozen.aclose()
+    server.close()
