@@ -203,7 +203,9 @@ def test_asyncpg_failures_are_outages_only_when_the_database_cannot_serve(error,
 async def test_a_url_means_what_it_means_to_sqlalchemy(make_settings: SettingsFactory, query):
     settings = make_settings().database
     assert settings.url is not None
-    url = settings.url.get_secret_value() + query
+    url = settings.url.get_secret_value()
+    if query:  # the embedded server's URL has a query of its own (its socket's directory)
+        url += ("&" if "?" in url else "?") + query[1:]
     server = await DatabaseServer.open(settings, url=url)
     try:
         async with server_connection(server) as connection:
