@@ -27,13 +27,12 @@ from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.sql import Executable
 
 from taskapp.config import DatabaseSettings
-from taskapp.observability.database import operation
-from taskapp.observability.metrics import DB_ERRORS, DB_QUERY_LATENCY, Labelled
+from taskapp.observability.database import QUERY_LATENCY, operation
+from taskapp.observability.metrics import DB_ERRORS
 
 _DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 _LITERAL = re.compile(r"__\[POSTCOMPILE_(\w+)\]")
-_LATENCY = Labelled(DB_QUERY_LATENCY)
 _REQUIRED = object()
 logger = logging.getLogger(__name__)
 
@@ -149,7 +148,7 @@ class Connection:
                 # statement was prepared): no later statement can run on it.
                 self.raw.terminate()
             raise
-        _LATENCY(plan.operation).observe(time.perf_counter() - started)
+        QUERY_LATENCY(plan.operation).observe(time.perf_counter() - started)
         for observer in self._observers:
             observer(sql, arguments, self.raw.is_in_transaction())
         return rows

@@ -37,7 +37,8 @@ def operation(statement: str) -> str:
     return word if word in _OPERATIONS else "other"
 
 
-_LATENCY = Labelled(DB_QUERY_LATENCY)
+# The statement latency by kind of operation, for every driver that runs statements.
+QUERY_LATENCY = Labelled(DB_QUERY_LATENCY)
 _SELECT_1 = text("SELECT 1")
 
 
@@ -58,7 +59,7 @@ def instrument(engine: AsyncEngine) -> None:
     ) -> None:
         started = getattr(context, "_taskapp_started", None)
         if started is not None:
-            _LATENCY(operation(statement)).observe(time.perf_counter() - started)
+            QUERY_LATENCY(operation(statement)).observe(time.perf_counter() - started)
 
     @event.listens_for(sync_engine, "handle_error")
     def _failed(context: ExceptionContext) -> None:
