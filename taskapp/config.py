@@ -51,14 +51,16 @@ class DatabaseSettings(BaseSettings):
     model_config = _group("TASKAPP_DATABASE_")
 
     url: SecretStr | None = None
-    # Connections each process keeps open, and how many more it may open under a burst. An
-    # overflow connection is closed as soon as it is given back, so load that stays above
-    # the pool size opens a new connection for many requests (a server process forked, its
-    # statements prepared again): size the pool for the steady load.
+    # The requests' pool of each process opens up to pool_size + max_overflow connections as
+    # load needs them (asyncpg's pool, taskapp.database.driver). SQLAlchemy's engine beside it
+    # (the probe, maintenance) keeps pool_size and closes an overflow connection as soon as it
+    # is given back; in the API it uses one connection, for the probe.
     pool_size: Annotated[int, Field(ge=1, le=500)] = 20
     max_overflow: Annotated[int, Field(ge=0, le=500)] = 0
     # Seconds a request waits for a free connection before it gets a 503.
     pool_timeout: Annotated[float, Field(gt=0, le=120)] = 5.0
+    # Requests' pool: seconds a connection may stay idle before it is closed; SQLAlchemy's
+    # engine: age after which a connection is replaced. -1: never.
     pool_recycle: Annotated[int, Field(ge=-1)] = 1800
     connect_timeout: Annotated[float, Field(gt=0, le=120)] = 5.0
     # Server-side statement timeout in seconds; 0 disables it.
