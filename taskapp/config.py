@@ -142,6 +142,12 @@ class OIDCSettings(BaseSettings):
     claims_cache_ttl: Annotated[float, Field(gt=0)] = 300.0
     # Public client id (PKCE) that Swagger UI at /docs uses to log in; unset hides that flow.
     swagger_client_id: str | None = None
+    # Accept a token whose `azp` (the client it was issued to) is the audience, though its
+    # `aud` does not name it. Off: `aud` must name the audience, as RFC 9068 requires.
+    accept_azp_audience: bool = False
+    # Mail the `email` claim even when `email_verified` is not true. Off: only verified
+    # addresses get mail; the others are skipped, as a missing address is.
+    accept_unverified_email: bool = False
 
     @field_validator("issuer")
     @classmethod

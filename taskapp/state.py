@@ -158,6 +158,8 @@ async def open_state(settings: Settings) -> AsyncIterator[State]:
                 leeway=settings.oidc.leeway,
                 cache_size=settings.oidc.claims_cache_size,
                 cache_ttl=settings.oidc.claims_cache_ttl,
+                accept_azp_audience=settings.oidc.accept_azp_audience,
+                accept_unverified_email=settings.oidc.accept_unverified_email,
             ),
         )
         await check_statement_timeout(engine, database)

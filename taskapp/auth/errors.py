@@ -43,3 +43,13 @@ class ProviderUnavailableError(ServiceUnavailableError):
     summary = "The identity provider's keys cannot be fetched"
     default_detail = "Identity provider unavailable"
     retry_after = 5
+
+
+class ProviderMisconfiguredError(ProviderUnavailableError):
+    """The provider answers, but not as configured: its discovery document names another
+    issuer than the one tokens are checked against."""
+
+    code = "identity_provider_misconfigured"
+    summary = "The identity provider does not match the API's configuration (`detail` says how)"
+    default_detail = "Identity provider misconfigured"
+    retry_after = 30

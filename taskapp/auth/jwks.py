@@ -12,7 +12,12 @@ from typing import Any, Protocol
 import httpx
 import jwt
 
-from taskapp.auth.errors import InvalidTokenError, ProviderUnavailableError
+from taskapp.auth.errors import (
+    InvalidTokenError,
+    ProviderMisconfiguredError,
+    ProviderUnavailableError,
+)
+from taskapp.observability.metrics import JWKS_FETCHES
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +80,10 @@ def select_key(
     return key
 
 
+class IssuerMismatchError(ValueError):
+    """The discovery document names another issuer than the configured one."""
+
+
 class StaticKeySource:
     """A fixed key set (the dev key of `taskapp run`)."""
 
@@ -95,16 +104,19 @@ class OIDCKeySource:
     """The provider's JWKS, found through discovery and cached.
 
     - Discovery is read from `discovery_url` (default: the issuer's own
-      `/.well-known/openid-configuration`) and must name `issuer`; the JWKS is then read
-      from the document's `jwks_uri`. A separate discovery URL serves providers reached
-      over an internal address while their tokens carry the public one (Keycloak with
-      `hostname-backchannel-dynamic`, whose `jwks_uri` follows the address asked).
+      `/.well-known/openid-configuration`) and must name `issuer` (else requests get a 503
+      that names both); the JWKS is then read from the document's `jwks_uri`. Discovery is
+      read again with the first fetch after `ttl`, so a moved `jwks_uri` is followed. A
+      separate discovery URL serves providers reached over an internal address while their
+      tokens carry the public one (Keycloak with `hostname-backchannel-dynamic`, whose
+      `jwks_uri` follows the address asked).
     - Keys older than `ttl` are refreshed in the background while the cached ones keep
       serving, so a slow provider never slows requests down; only a cold cache waits.
     - A token naming an unknown kid forces a fetch at once (at most once per `cooldown`, so
       a flood of made-up kids cannot hammer the provider): rotations need no restart.
     - Concurrent callers share one fetch. A failed fetch keeps the keys already known and
-      is not retried within `cooldown`.
+      is not retried within `cooldown`; so does a key set without one usable signing key
+      (an empty `keys` list answered with 200 must not log everybody out).
     """
 
     def __init__(
@@ -122,6 +134,8 @@ class OIDCKeySource:
         self._ttl = ttl
         self._cooldown = cooldown
         self._jwks_uri: str | None = None
+        self._discovered_at = float("-inf")  # when discovery was last read
+        self._mismatch: str | None = None  # the last fetch's issuer mismatch, if any
         self._keys: dict[str, SigningKey] = {}
         self._fetched_at = float("-inf")  # last successful fetch
         self._failed_at = float("-inf")  # last failed fetch
@@ -149,6 +163,8 @@ class OIDCKeySource:
                 key = select_key(self._keys, kid, algorithm)
         if key is None:
             if not self._keys:
+                if self._mismatch is not None:
+                    raise ProviderMisconfiguredError(self._mismatch)
                 raise ProviderUnavailableError()
             raise InvalidTokenError("Unknown signing key")
         return key
@@ -166,10 +182,21 @@ class OIDCKeySource:
     async def _fetch_and_store(self) -> None:
         try:
             keys = await self._fetch()
+            if not keys:
+                JWKS_FETCHES.labels("unusable").inc()
+                self._failed_at = time.monotonic()
+                logger.error(
+                    "JWKS at %s holds no usable signing key; keeping %d known keys",
+                    self._jwks_uri,
+                    len(self._keys),
+                )
+                return
         except Exception as exc:  # any failure: keep serving the keys already known
+            JWKS_FETCHES.labels("failed").inc()
             self._failed_at = time.monotonic()
-            logger.warning(
-                "JWKS fetch via %s failed (%r); keeping %d known keys",
+            log = logger.error if isinstance(exc, IssuerMismatchError) else logger.warning
+            log(
+                "JWKS fetch via %s failed (%s); keeping %d known keys",
                 self.discovery_url,
                 exc,
                 len(self._keys),
@@ -177,18 +204,29 @@ class OIDCKeySource:
             return
         finally:
             self._inflight = None
+        JWKS_FETCHES.labels("ok").inc()
         self._keys = keys
+        self._mismatch = None
         self._fetched_at = time.monotonic()
 
     async def _fetch(self) -> dict[str, SigningKey]:
-        if self._jwks_uri is None:
+        if self._jwks_uri is None or time.monotonic() - self._discovered_at > self._ttl:
             config = await self._get_json(self.discovery_url)
-            if config.get("issuer") != self.issuer:
-                raise ValueError(f"discovery document names issuer {config.get('issuer')!r}")
+            named = config.get("issuer")
+            if named != self.issuer:
+                # Both are public (tokens carry the issuer); the discovery URL, which may be
+                # an internal address, goes to the log only.
+                self._mismatch = (
+                    f"The identity provider names issuer {named!r}, "
+                    f"but TASKAPP_OIDC_ISSUER is {self.issuer!r}"
+                )
+                raise IssuerMismatchError(self._mismatch)
+            self._mismatch = None
             jwks_uri = config.get("jwks_uri")
             if not isinstance(jwks_uri, str):
                 raise ValueError("discovery document has no jwks_uri")
             self._jwks_uri = jwks_uri
+            self._discovered_at = time.monotonic()
         return parse_jwks(await self._get_json(self._jwks_uri))
 
     async def _get_json(self, url: str) -> Mapping[str, Any]:

@@ -52,11 +52,15 @@ class TokenVerifier:
         leeway: int,
         cache_size: int = 10_000,
         cache_ttl: float = 300.0,
+        accept_azp_audience: bool = False,
+        accept_unverified_email: bool = False,
     ) -> None:
         self.keys = keys
         self.issuer = issuer
         self.audience = audience
         self.leeway = leeway
+        self.accept_azp_audience = accept_azp_audience
+        self.accept_unverified_email = accept_unverified_email
         self.cache_size = cache_size
         self.cache_ttl = cache_ttl
         self._cache: OrderedDict[bytes, _Verified] = OrderedDict()
@@ -106,7 +110,7 @@ class TokenVerifier:
                 algorithms=[algorithm],
                 issuer=self.issuer,
                 leeway=self.leeway,
-                # Audience is checked below: Keycloak may name this API in aud or in azp.
+                # Audience is checked below (an azp-only token may be allowed).
                 options={"require": ["exp", "iat", "iss", "sub"], "verify_aud": False},
             )
         except jwt.ExpiredSignatureError as exc:
@@ -133,10 +137,17 @@ class TokenVerifier:
             audiences = [audiences]
         if not isinstance(audiences, list):
             audiences = []
-        if self.audience not in audiences and claims.get("azp") != self.audience:
+        # `azp` names the client the token was issued to, not the services it is meant for:
+        # a token of our own client without our audience (Keycloak's ID token, or a client
+        # whose audience mapper is missing) is not for us, unless explicitly allowed.
+        if self.audience not in audiences and not (
+            self.accept_azp_audience and claims.get("azp") == self.audience
+        ):
             raise InvalidTokenError("Token audience not accepted")
         # ID and refresh tokens carry typ "ID" / "Refresh"; only access tokens are accepted.
-        if "typ" in claims and claims["typ"] != "Bearer":
+        # Keycloak always sends "Bearer"; the scheme name is case-insensitive (RFC 6750).
+        token_type = claims.get("typ", "Bearer")
+        if not isinstance(token_type, str) or token_type.lower() != "bearer":
             raise InvalidTokenError("Not an access token")
         subject = claims.get("sub")
         if not _usable_subject(subject):
@@ -145,11 +156,17 @@ class TokenVerifier:
             _get(claims.get("resource_access"), self.audience)
         )
         email = claims.get("email")
+        # Mail goes only to an address the provider has verified (by default): anyone may
+        # type someone else's address into a self-service profile.
+        if not isinstance(email, str) or (
+            claims.get("email_verified") is not True and not self.accept_unverified_email
+        ):
+            email = None
         username = claims.get("preferred_username")
         return Principal(
             subject=subject,
             roles=frozenset(roles),
-            email=email if isinstance(email, str) else None,
+            email=email,
             username=username if isinstance(username, str) else None,
         )
 

@@ -100,6 +100,14 @@ HTTP_REQUEST_DURATION = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
+# -- identity provider ---------------------------------------------------------------------------
+JWKS_FETCHES = Counter(
+    "taskapp_jwks_fetches",
+    "Fetches of the identity provider's keys by outcome: ok, failed (the keys known are "
+    "kept), unusable (a key set without one usable signing key; the keys known are kept)",
+    ["outcome"],
+)
+
 # -- cache, rate limit, notifications ------------------------------------------------------------
 CACHE_REQUESTS = Counter(
     "taskapp_cache_requests",

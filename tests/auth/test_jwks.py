@@ -23,6 +23,7 @@ from taskapp.app import create_app
 from testing.oidc import OIDCProvider, new_rsa_key, public_jwk, serve_provider
 from testing.services import free_port
 from tests.conftest import SettingsFactory, running
+from tests.fixtures.metrics import sample
 
 INVALID_TOKEN_CHALLENGE = 'Bearer error="invalid_token"'
 
@@ -45,6 +46,7 @@ def provider(served_provider: OIDCProvider) -> OIDCProvider:
     served_provider.delay = 0
     served_provider.add_key()
     served_provider.jwks_fetches = 0
+    served_provider.discovery_fetches = 0
     return served_provider
 
 
@@ -82,6 +84,17 @@ def assert_invalid_token(response: httpx.Response) -> None:
     assert response.status_code == 401, response.text
     assert response.headers["www-authenticate"] == INVALID_TOKEN_CHALLENGE
     assert isinstance(response.json()["detail"], str)
+
+
+def assert_issuer_mismatch(response: httpx.Response, named: str, configured: str) -> None:
+    """The 503 of a provider whose discovery document names another issuer: it says which."""
+    assert response.status_code == 503, response.text
+    assert response.json() == {
+        "detail": f"The identity provider names issuer {named!r}, "
+        f"but TASKAPP_OIDC_ISSUER is {configured!r}",
+        "code": "identity_provider_misconfigured",
+    }
+    assert response.headers["retry-after"] == "30"
 
 
 def assert_provider_unavailable(response: httpx.Response) -> None:
@@ -271,6 +284,48 @@ async def test_key_withdrawn_by_the_provider_stops_working_after_the_ttl(
         assert (await client.get("/tasks", headers=bearer(new_token))).status_code == 200
 
 
+async def test_discovery_is_read_again_after_the_ttl(
+    make_settings: SettingsFactory, provider: OIDCProvider
+) -> None:
+    async with started(
+        make_settings, provider, jwks_cache_ttl=0.2, jwks_refetch_cooldown=0.1
+    ) as client:
+        assert (await client.get("/tasks", headers=provider.auth())).status_code == 200
+        assert (provider.discovery_fetches, provider.jwks_fetches) == (1, 1)
+        # Within the TTL a refetch (an unknown kid) reuses the jwks_uri it knows.
+        assert_invalid_token(await client.get("/tasks", headers=bearer(bogus_kid_token(provider))))
+        assert (provider.discovery_fetches, provider.jwks_fetches) == (1, 2)
+
+        await asyncio.sleep(0.3)
+        await wait_for_fetches(provider, 3, client, provider.token())
+        assert provider.discovery_fetches == 2
+
+
+async def test_an_empty_key_set_keeps_the_known_keys(
+    make_settings: SettingsFactory, provider: OIDCProvider
+) -> None:
+    async with started(
+        make_settings, provider, jwks_cache_ttl=0.2, jwks_refetch_cooldown=0.1
+    ) as client:
+        token = provider.token()
+        assert (await client.get("/tasks", headers=bearer(token))).status_code == 200
+        unusable_before = jwks_fetch_count("unusable")
+
+        # A provider mid-restart answering 200 with no keys (or none we can use).
+        provider.published.clear()
+        provider.extra_jwks = [{"kty": "RSA", "kid": "broken", "n": "AQAB", "e": "x"}]
+        await asyncio.sleep(0.3)
+        await wait_for_fetches(provider, 2, client, token)
+        for _ in range(3):
+            response = await client.get("/tasks", headers=bearer(token))
+            assert response.status_code == 200, response.text
+        assert jwks_fetch_count("unusable") > unusable_before
+
+
+def jwks_fetch_count(outcome: str) -> float:
+    return sample("taskapp_jwks_fetches_total", outcome=outcome)
+
+
 # --- provider outages --------------------------------------------------------------------
 
 
@@ -428,7 +483,7 @@ async def test_discovery_naming_another_issuer_is_not_trusted(
     async with running(app) as client:
         for issuer in (configured_issuer, provider.issuer):
             response = await client.get("/tasks", headers=provider.auth(iss=issuer))
-            assert_provider_unavailable(response)
+            assert_issuer_mismatch(response, provider.issuer, configured_issuer)
     # Its jwks_uri was never followed.
     assert provider.jwks_fetches == 0
 
@@ -472,5 +527,5 @@ async def test_discovery_url_describing_another_issuer_is_not_trusted(
     async with running(create_app(settings)) as client:
         for issuer in (configured_issuer, provider.issuer):
             response = await client.get("/tasks", headers=provider.auth(iss=issuer))
-            assert_provider_unavailable(response)
+            assert_issuer_mismatch(response, provider.issuer, configured_issuer)
     assert provider.jwks_fetches == 0

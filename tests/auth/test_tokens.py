@@ -23,8 +23,9 @@ from cryptography.hazmat.primitives import serialization
 from fastapi import FastAPI
 from sqlalchemy import text
 
+from taskapp.app import create_app
 from testing.oidc import AUDIENCE, OIDCProvider, new_rsa_key
-from tests.conftest import app_state, client_of
+from tests.conftest import SettingsFactory, app_state, client_of, running
 
 INVALID_TOKEN_CHALLENGE = 'Bearer error="invalid_token"'
 
@@ -109,6 +110,9 @@ INVALID_TOKENS: dict[str, TokenFactory] = {
     "missing-issuer": lambda p: sign(p, without(p.claims(), "iss")),
     "wrong-audience": lambda p: sign(p, p.claims(aud=["account"], azp="taskapp-cli")),
     "wrong-audience-string": lambda p: sign(p, p.claims(aud="other-api", azp="other-api")),
+    # azp names the client the token was issued to: without our aud it is not for us.
+    "azp-is-the-api-aud-account-only": lambda p: sign(p, p.claims(aud=["account"], azp=AUDIENCE)),
+    "azp-is-the-api-no-aud": lambda p: sign(p, without(p.claims(azp=AUDIENCE), "aud")),
     "missing-audience": lambda p: sign(p, without(p.claims(), "aud")),
     "audience-is-a-lookalike": lambda p: sign(p, p.claims(aud=["taskapp-api-x"])),
     "alg-none": unsigned_token,
@@ -123,6 +127,7 @@ INVALID_TOKENS: dict[str, TokenFactory] = {
     "signature-stripped": lambda p: sign(p, p.claims()).rsplit(".", 1)[0] + ".",
     "id-token": lambda p: sign(p, p.claims(typ="ID")),
     "refresh-token": lambda p: sign(p, p.claims(typ="Refresh")),
+    "typ-is-not-a-string": lambda p: sign(p, p.claims(typ=["Bearer"])),
     "missing-sub": lambda p: sign(p, without(p.claims(), "sub")),
     "empty-sub": lambda p: sign(p, p.claims(sub="")),
     "numeric-sub": lambda p: sign(p, {**p.claims(), "sub": 42}),
@@ -201,11 +206,13 @@ async def test_valid_user_token_is_accepted(api: httpx.AsyncClient, oidc: OIDCPr
 
 # Tokens the API must accept, though they differ from the usual Keycloak access token.
 VALID_TOKENS: dict[str, TokenFactory] = {
-    "azp-is-the-api-aud-account-only": lambda p: sign(p, p.claims(aud=["account"], azp=AUDIENCE)),
     "aud-plain-string": lambda p: sign(p, p.claims(aud=AUDIENCE)),
     "aud-single-item-list": lambda p: sign(p, p.claims(aud=[AUDIENCE])),
     "expired-within-leeway": lambda p: sign(p, p.claims(exp=now() - 5)),
     "no-typ-claim": lambda p: sign(p, without(p.claims(), "typ")),
+    # The token type is compared as RFC 6750 compares the scheme: without regard to case.
+    "typ-lower-case": lambda p: sign(p, p.claims(typ="bearer")),
+    "typ-upper-case": lambda p: sign(p, p.claims(typ="BEARER")),
 }
 
 
@@ -215,6 +222,19 @@ async def test_token_variants_are_accepted(
 ) -> None:
     response = await api.get("/tasks", headers=bearer(make_token(oidc)))
     assert response.status_code == 200, response.text
+
+
+async def test_azp_only_audience_is_accepted_when_allowed(
+    make_settings: SettingsFactory, oidc: OIDCProvider
+) -> None:
+    token = sign(oidc, oidc.claims(aud=["account"], azp=AUDIENCE))
+    app = create_app(make_settings(oidc_={"accept_azp_audience": True}))
+    async with running(app) as client:
+        response = await client.get("/tasks", headers=bearer(token))
+        assert response.status_code == 200, response.text
+        # Still not a token of another client for another audience.
+        other = sign(oidc, oidc.claims(aud=["account"], azp="taskapp-cli"))
+        assert_invalid_token(await client.get("/tasks", headers=bearer(other)))
 
 
 async def test_scheme_name_is_case_insensitive(api: httpx.AsyncClient, oidc: OIDCProvider) -> None:

@@ -164,6 +164,49 @@ async def test_no_usable_address_is_recorded_as_skipped(
     assert sample("taskapp_notifications_total", outcome="skipped") == skipped + 1
 
 
+@pytest.mark.parametrize("verified", [False, None, "true", 1])
+async def test_an_unverified_address_is_skipped(
+    notifying: tuple[FastAPI, httpx.AsyncClient], oidc: OIDCProvider, verified: Any
+):
+    """Anyone may type another's address into a self-service profile: only an address the
+    provider marks verified (`email_verified: true`, the JSON boolean) gets mail."""
+    app, client = notifying
+    response = await client.post(
+        "/tasks",
+        json={"title": "x"},
+        headers=oidc.auth("carol", email="carol@example.com", email_verified=verified),
+    )
+    assert response.status_code == 201
+    [row] = await _notifications(app)
+    assert row["status"] == "skipped"
+    assert row["recipient"] is None
+
+
+async def test_an_unverified_address_is_mailed_when_allowed(
+    make_settings: SettingsFactory, oidc: OIDCProvider
+):
+    app = create_app(
+        make_settings(
+            notifications={"enabled": True, "queue": f"test-{uuid.uuid4().hex}"},
+            oidc_={"accept_unverified_email": True},
+            broker_url="redis://127.0.0.1:9/0",
+        )
+    )
+    async with running(app) as client:
+        try:
+            response = await client.post(
+                "/tasks",
+                json={"title": "x"},
+                headers=oidc.auth("carol", email="carol@example.com", email_verified=False),
+            )
+            assert response.status_code == 201
+            [row] = await _notifications(app)
+            assert row["status"] == "pending"
+            assert row["recipient"] == "carol@example.com"
+        finally:
+            await _clean(app)
+
+
 async def test_disabled_notifications_record_nothing(client: httpx.AsyncClient, app: FastAPI, oidc):
     assert (
         await client.post("/tasks", json={"title": "x"}, headers=oidc.auth())
