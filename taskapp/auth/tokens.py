@@ -119,6 +119,9 @@ class TokenVerifier:
             raise InvalidTokenError("Token not yet valid") from exc
         except jwt.InvalidIssuerError as exc:
             raise InvalidTokenError("Token issuer not accepted") from exc
+        except jwt.MissingRequiredClaimError as exc:
+            # e.g. Keycloak's lightweight access tokens (admin-cli's), which leave out `sub`
+            raise InvalidTokenError(f"Token lacks the {exc.claim!r} claim") from exc
         except (jwt.PyJWTError, ValueError, TypeError) as exc:
             raise InvalidTokenError("Invalid token") from exc
         return _Verified(

@@ -253,6 +253,15 @@ async def test_invalid_token_is_rejected(
     assert_invalid_token(response)
 
 
+@pytest.mark.parametrize("claim", ["sub", "exp", "iat", "iss"])
+async def test_a_missing_claim_is_named(
+    api: httpx.AsyncClient, oidc: OIDCProvider, claim: str
+) -> None:
+    response = await api.get("/tasks", headers=bearer(sign(oidc, without(oidc.claims(), claim))))
+    assert_invalid_token(response)
+    assert response.json()["detail"] == f"Token lacks the {claim!r} claim"
+
+
 @pytest.mark.parametrize("token", NON_ASCII_TOKENS)
 async def test_non_ascii_token_is_rejected(api: httpx.AsyncClient, token: str) -> None:
     response = await api.get(
