@@ -1,8 +1,8 @@
 """deploy/keycloak/realm.json against the service as deploy/compose.yml configures it.
 
-Keycloak itself cannot run here; these tests read the realm and check every value the API
-depends on, and finally build the access token Keycloak would issue from the realm's own
-mappers and put it through the API's real verifier.
+These tests read the realm and check every value the API depends on, and build the access
+token Keycloak would issue from the realm's own mappers and put it through the API's real
+verifier; tests/interop/test_keycloak.py imports the same file into the real Keycloak.
 """
 
 from __future__ import annotations
