@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,26 +26,14 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from taskapp.app import create_app
-from testing.keycloak import CACHE, Keycloak, keycloak_server, missing_tools
+from testing.keycloak import CACHE, Keycloak
 from testing.processes import clean_env, running_server
 from testing.services import free_port
 from tests.conftest import SettingsFactory, app_state, running
 
-pytestmark = pytest.mark.slow
-
-if missing_tools():
-    pytest.skip(
-        f"the Keycloak tests need {' and '.join(missing_tools())} on PATH",
-        allow_module_level=True,
-    )
+pytestmark = [pytest.mark.slow, pytest.mark.keycloak]
 
 AUDIENCE = "taskapp-api"
-
-
-@pytest.fixture(scope="module")
-def keycloak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keycloak]:
-    with keycloak_server(tmp_path_factory.mktemp("keycloak")) as server:
-        yield server
 
 
 @contextlib.asynccontextmanager
