@@ -52,6 +52,21 @@ async def taskapp_for(
         yield app, client
 
 
+def serve_env(
+    keycloak: Keycloak, work: Path, database_url: str, redis_url: str, **extra: str
+) -> dict[str, str]:
+    """The environment of a `taskapp serve` trusting the realm as Compose configures it."""
+    return clean_env(
+        TASKAPP_DATA_DIR=str(work),
+        TASKAPP_DATABASE_URL=database_url,
+        TASKAPP_REDIS_URL=redis_url,
+        TASKAPP_OIDC_ISSUER=keycloak.issuer(),
+        TASKAPP_OIDC_DISCOVERY_URL=keycloak.discovery_url(),
+        TASKAPP_OIDC_AUDIENCE=AUDIENCE,
+        **extra,
+    )
+
+
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
@@ -107,14 +122,7 @@ def test_the_task_contract_holds_with_real_tokens(
     keycloak: Keycloak, tmp_path: Path, database_url: str, redis_url: str
 ) -> None:
     """`taskapp serve` pointed at the real issuer: CRUD as alice, the admin's reach."""
-    env = clean_env(
-        TASKAPP_DATA_DIR=str(tmp_path),
-        TASKAPP_DATABASE_URL=database_url,
-        TASKAPP_REDIS_URL=redis_url,
-        TASKAPP_OIDC_ISSUER=keycloak.issuer(),
-        TASKAPP_OIDC_DISCOVERY_URL=keycloak.discovery_url(),
-        TASKAPP_OIDC_AUDIENCE=AUDIENCE,
-    )
+    env = serve_env(keycloak, tmp_path, database_url, redis_url)
     alice, admin = keycloak.token("alice"), keycloak.token("admin")
     alice_id = claims_of(alice)["sub"]
     port = free_port()
@@ -328,15 +336,10 @@ def test_swagger_ui_logs_in_through_keycloak_and_calls_the_api(
     port = free_port()
     origin = f"http://127.0.0.1:{port}"
     allow_swagger_redirect(keycloak, origin)
-    env = clean_env(
-        TASKAPP_DATA_DIR=str(tmp_path),
-        TASKAPP_DATABASE_URL=database_url,
-        TASKAPP_REDIS_URL=redis_url,
-        TASKAPP_OIDC_ISSUER=keycloak.issuer(),
-        TASKAPP_OIDC_DISCOVERY_URL=keycloak.discovery_url(),
-        TASKAPP_OIDC_AUDIENCE=AUDIENCE,
+    env = serve_env(
+        keycloak, tmp_path, database_url, redis_url,
         TASKAPP_OIDC_SWAGGER_CLIENT_ID="taskapp-swagger",
-    )
+    )  # fmt: skip
 
     def serve_swagger_ui(route: Route) -> None:
         name = route.request.url.removeprefix(SWAGGER_UI_CDN)
