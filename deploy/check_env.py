@@ -24,14 +24,22 @@ PLACEHOLDER = re.compile(r"^\$\{([A-Z0-9_]+)\}$")
 
 
 def read_env(path: Path) -> dict[str, str]:
-    """The NAME=value lines of an env file (comments and blank lines skipped)."""
+    """The NAME=value lines of an env file as Compose reads them: comments and blank lines
+    skipped, an `export ` prefix dropped, a quoted value taken between its quotes, and an
+    unquoted one up to a ` #` comment."""
     values: dict[str, str] = {}
     for line in path.read_text().splitlines():
         line = line.strip()
         if not line or line.startswith("#") or "=" not in line:
             continue
-        name, _, value = line.partition("=")
-        values[name.strip()] = value.strip()
+        name, _, value = line.removeprefix("export ").partition("=")
+        value = value.strip()
+        quoted = re.match(r"""^(["'])(.*)\1(\s+#.*)?$""", value)
+        if quoted:
+            value = quoted.group(2)
+        else:
+            value = re.sub(r"\s+#.*$", "", value)
+        values[name.strip()] = value
     return values
 
 

@@ -9,6 +9,7 @@ from fastapi import Request
 from taskapp.auth.errors import (
     InvalidTokenError,
     NotAuthenticatedError,
+    ProviderMisconfiguredError,
     ProviderUnavailableError,
     TokenExpiredError,
 )
@@ -50,6 +51,7 @@ API_ERRORS: tuple[ErrorKind, ...] = (
     ForbiddenError,
     ValidationFailed,
     RateLimitedError,
+    ProviderMisconfiguredError,
     ProviderUnavailableError,
     DatabaseUnavailableError,
     DatabaseBusyError,

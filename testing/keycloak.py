@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -66,7 +67,8 @@ def realm_document() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (a file) for the block, across processes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -79,7 +81,7 @@ def _locked(path: Path) -> Iterator[None]:
 def distribution(version: str = VERSION) -> Path:
     """Keycloak's home directory, downloaded and unpacked on first use."""
     home = CACHE / f"keycloak-{version}"
-    with _locked(CACHE / ".lock"):
+    with locked(CACHE / ".lock"):
         if (home / "bin" / "kc.sh").is_file():
             return home
         missing = missing_tools()
@@ -207,12 +209,14 @@ def _wait_ready(process: subprocess.Popen[bytes], management_port: int, log: Pat
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
+    """Keycloak's whole process group: kc.sh runs Java as a child of its own."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
 
 
@@ -231,22 +235,25 @@ def keycloak_server(work: Path, passwords: dict[str, str] | None = None) -> Iter
     home = distribution()
     admin = ("kc-admin", secrets.token_urlsafe(18))
     port, management_port = free_port(), free_port()
+    # Nothing of this machine's own Keycloak, Quarkus or JVM settings.
+    own = ("KC_", "KEYCLOAK_", "QUARKUS_", "JAVA_OPTS", "JAVA_ADD_OPENS")
     env = {
-        **os.environ,
+        **{name: value for name, value in os.environ.items() if not name.startswith(own)},
         **values,
         "KC_BOOTSTRAP_ADMIN_USERNAME": admin[0],
         "KC_BOOTSTRAP_ADMIN_PASSWORD": admin[1],
     }
     command = [
         str(home / "bin" / "kc.sh"), "start-dev", "--import-realm", "--db=dev-mem",
-        f"--http-port={port}", f"--http-management-port={management_port}",
+        "--http-host=127.0.0.1", f"--http-port={port}",
+        f"--http-management-port={management_port}",
         "--health-enabled=true", f"--hostname=http://localhost:{port}",
         "--hostname-backchannel-dynamic=true",
     ]  # fmt: skip
     log = work / "keycloak.log"
     imports = home / "data" / "import"
     # One start at a time reads the import directory, with this realm in it only.
-    with _locked(CACHE / ".start.lock"):
+    with locked(CACHE / ".start.lock"):
         shutil.rmtree(imports, ignore_errors=True)
         imports.mkdir(parents=True)
         shutil.copyfile(REALM_FILE, imports / "taskapp-realm.json")

@@ -104,9 +104,10 @@ class OIDCKeySource:
     """The provider's JWKS, found through discovery and cached.
 
     - Discovery is read from `discovery_url` (default: the issuer's own
-      `/.well-known/openid-configuration`) and must name `issuer` (else requests get a 503
-      that names both); the JWKS is then read from the document's `jwks_uri`. Discovery is
-      read again with the first fetch after `ttl`, so a moved `jwks_uri` is followed. A
+      `/.well-known/openid-configuration`) and must name `issuer` (else, with no keys known,
+      requests get a 503 saying so); the JWKS is then read from the document's `jwks_uri`.
+      Discovery is read again with the first fetch after `ttl`, so a moved `jwks_uri` is
+      followed; while it cannot be read, the known `jwks_uri` is fetched all the same. A
       separate discovery URL serves providers reached over an internal address while their
       tokens carry the public one (Keycloak with `hostname-backchannel-dynamic`, whose
       `jwks_uri` follows the address asked).
@@ -211,23 +212,40 @@ class OIDCKeySource:
 
     async def _fetch(self) -> dict[str, SigningKey]:
         if self._jwks_uri is None or time.monotonic() - self._discovered_at > self._ttl:
-            config = await self._get_json(self.discovery_url)
-            named = config.get("issuer")
-            if named != self.issuer:
-                # Both are public (tokens carry the issuer); the discovery URL, which may be
-                # an internal address, goes to the log only.
-                self._mismatch = (
-                    f"The identity provider names issuer {named!r}, "
-                    f"but TASKAPP_OIDC_ISSUER is {self.issuer!r}"
-                )
-                raise IssuerMismatchError(self._mismatch)
-            self._mismatch = None
-            jwks_uri = config.get("jwks_uri")
-            if not isinstance(jwks_uri, str):
-                raise ValueError("discovery document has no jwks_uri")
-            self._jwks_uri = jwks_uri
-            self._discovered_at = time.monotonic()
+            try:
+                await self._discover()
+            except IssuerMismatchError:
+                raise
+            except Exception as exc:
+                if self._jwks_uri is None:
+                    raise
+                # Discovery unreadable for now: the keys at the known address still count
+                # (a key withdrawn there must stop working whatever discovery does).
+                logger.warning("discovery via %s failed (%s)", self.discovery_url, exc)
+        if self._jwks_uri is None:
+            raise ValueError("no jwks_uri known")
         return parse_jwks(await self._get_json(self._jwks_uri))
+
+    async def _discover(self) -> None:
+        self._mismatch = None
+        config = await self._get_json(self.discovery_url)
+        named = config.get("issuer")
+        if named != self.issuer:
+            # The issuer Keycloak names without KC_HOSTNAME is the address it was asked at,
+            # which may be internal: only the log says it, never a response.
+            shown = repr(named)[:200]
+            self._mismatch = (
+                "The identity provider's discovery document names another issuer than "
+                f"TASKAPP_OIDC_ISSUER ({self.issuer}); the API's log says which"
+            )
+            raise IssuerMismatchError(
+                f"the discovery document names issuer {shown}, not {self.issuer!r}"
+            )
+        jwks_uri = config.get("jwks_uri")
+        if not isinstance(jwks_uri, str):
+            raise ValueError("discovery document has no jwks_uri")
+        self._jwks_uri = jwks_uri
+        self._discovered_at = time.monotonic()
 
     async def _get_json(self, url: str) -> Mapping[str, Any]:
         response = await self._http.get(url, headers={"Accept": "application/json"})

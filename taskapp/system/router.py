@@ -13,7 +13,12 @@ from prometheus_client.exposition import choose_encoder
 from pydantic import BaseModel
 
 from taskapp.auth.dependencies import USER_ROLES, ensure_role, request_principal
-from taskapp.auth.errors import InvalidTokenError, NotAuthenticatedError, ProviderUnavailableError
+from taskapp.auth.errors import (
+    InvalidTokenError,
+    NotAuthenticatedError,
+    ProviderMisconfiguredError,
+    ProviderUnavailableError,
+)
 from taskapp.errors import ForbiddenError, error_responses
 from taskapp.observability.database import probe
 from taskapp.observability.scrape import is_scrape_token, scrape_registry
@@ -82,6 +87,7 @@ async def readyz(request: Request) -> JSONResponse:
             NotAuthenticatedError,
             InvalidTokenError,
             ForbiddenError,
+            ProviderMisconfiguredError,
             ProviderUnavailableError,
         ),
     },

@@ -51,6 +51,28 @@ def test_a_password_equal_to_the_username_is_refused(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        'DEMO_ALICE_PASSWORD="short-pw"',
+        "DEMO_ALICE_PASSWORD='short-pw'",
+        "DEMO_ALICE_PASSWORD=short-pw # alice's",
+        "export DEMO_ALICE_PASSWORD=short-pw",
+    ],
+)
+def test_the_file_is_read_as_compose_reads_it(tmp_path: Path, line: str) -> None:
+    """Quotes, a trailing comment and `export` are not part of the password."""
+    env = {k: v for k, v in filled_env().items() if k != "DEMO_ALICE_PASSWORD"}
+    path = tmp_path / ".env"
+    path.write_text("".join(f"{k}={v}\n" for k, v in env.items()) + line + "\n")
+    assert check_env_module().read_env(path)["DEMO_ALICE_PASSWORD"] == "short-pw"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(path)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 1
+    assert "has 8 characters" in result.stderr
+
+
 def test_empty_and_missing_secrets_are_named(tmp_path: Path) -> None:
     env = filled_env()
     env["REDIS_PASSWORD"] = ""

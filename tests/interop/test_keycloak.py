@@ -26,7 +26,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from taskapp.app import create_app
-from testing.keycloak import CACHE, Keycloak
+from testing.keycloak import CACHE, Keycloak, locked
 from testing.processes import clean_env, running_server
 from testing.services import free_port
 from tests.conftest import SettingsFactory, app_state, running
@@ -65,6 +65,20 @@ def serve_env(
         TASKAPP_OIDC_AUDIENCE=AUDIENCE,
         **extra,
     )
+
+
+def recipients(database_url: str, task_id: str) -> list[str | None]:
+    """Where the creation e-mail of a task is to go, as the outbox recorded it."""
+    import psycopg
+
+    url = database_url.replace("postgresql+asyncpg://", "postgresql://")
+    with psycopg.connect(url) as connection:
+        rows = connection.execute(
+            "SELECT d.target FROM events e JOIN deliveries d ON d.event_id = e.id"
+            " WHERE e.aggregate_id = %s AND d.consumer = 'email'",
+            (task_id,),
+        ).fetchall()
+    return [row[0] for row in rows]
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -134,6 +148,8 @@ def test_the_task_contract_holds_with_real_tokens(
         assert created.status_code == 201, created.text
         task = created.json()
         assert task["owner"] == alice_id
+        # The creation e-mail goes to the verified address Keycloak put in the token.
+        assert recipients(database_url, task["id"]) == ["alice@example.com"]
         path = f"/tasks/{task['id']}"
 
         listed = api.get("/tasks", headers=bearer(alice)).json()
@@ -179,8 +195,8 @@ async def test_an_issuer_keycloak_does_not_name_is_a_503_that_says_so(
         response = await client.get("/tasks", headers=bearer(keycloak.token("alice")))
     assert response.status_code == 503, response.text
     assert response.json() == {
-        "detail": f"The identity provider names issuer {keycloak.issuer()!r}, "
-        f"but TASKAPP_OIDC_ISSUER is {internal_issuer!r}",
+        "detail": "The identity provider's discovery document names another issuer than "
+        f"TASKAPP_OIDC_ISSUER ({internal_issuer}); the API's log says which",
         "code": "identity_provider_misconfigured",
     }
 
@@ -296,20 +312,23 @@ NPM = shutil.which("npm")
 # The Swagger UI FastAPI's /docs loads (from a CDN a browser here cannot reach; the test
 # serves the same files from npm's package of them).
 SWAGGER_UI_CDN = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/"
-SWAGGER_UI_CACHE = CACHE.parent / "swagger-ui-dist-5"
+SWAGGER_UI_VERSION = "5.36.0"
+SWAGGER_UI_CACHE = CACHE.parent / f"swagger-ui-dist-{SWAGGER_UI_VERSION}"
 
 
 def swagger_ui_files() -> Path:
-    """swagger-ui-dist@5 from npm, installed once under the cache directory."""
+    """swagger-ui-dist from npm (a 5.x, as the CDN path names), installed once under the
+    cache directory."""
     package = SWAGGER_UI_CACHE / "node_modules" / "swagger-ui-dist"
-    if not (package / "swagger-ui-bundle.js").is_file():
-        assert NPM is not None
-        SWAGGER_UI_CACHE.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [NPM, "install", "--no-audit", "--no-fund", "--prefix", str(SWAGGER_UI_CACHE),
-             "swagger-ui-dist@5"],
-            check=True, capture_output=True, timeout=300,
-        )  # fmt: skip
+    with locked(CACHE.parent / ".swagger-ui.lock"):
+        if not (package / "swagger-ui-bundle.js").is_file():
+            assert NPM is not None
+            SWAGGER_UI_CACHE.mkdir(parents=True, exist_ok=True)
+            subprocess.run(
+                [NPM, "install", "--no-audit", "--no-fund", "--prefix", str(SWAGGER_UI_CACHE),
+                 f"swagger-ui-dist@{SWAGGER_UI_VERSION}"],
+                check=True, capture_output=True, timeout=300,
+            )  # fmt: skip
     return package
 
 
