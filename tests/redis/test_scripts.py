@@ -1,16 +1,18 @@
-"""Lua scripts on connections of their own: loaded when the server does not know them, a
-connection reused call after call, replaced when the server closed it, and never reused
-after a call that was interrupted (its reply could answer the next call)."""
+"""Lua scripts pipelined on one connection of their own: loaded when the server does not know
+them, the calls of one turn in one write with each reply to its caller, a connection the
+server closed replaced unnoticed, and a call given up leaving no reply for the next."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from taskapp.redis.client import REDIS_FAILURES
 from taskapp.redis.scripts import Scripts
@@ -27,6 +29,21 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
+def count_writes(scripts: Scripts) -> list[int]:
+    """The number of commands in each write `scripts` makes from now on."""
+    writes: list[int] = []
+    write = scripts._write
+
+    def counting() -> None:
+        before = {id(call) for call in (scripts._link.due if scripts._link else ())}
+        write()
+        if scripts._link is not None:
+            writes.append(sum(1 for call in scripts._link.due if id(call) not in before))
+
+    scripts._write = counting  # type: ignore[method-assign]
+    return writes
+
+
 async def test_a_script_the_server_does_not_know_is_loaded_and_run(redis: Redis):
     scripts = Scripts(redis)
     script = scripts.register(f"return ARGV[1] .. '{uuid.uuid4()}'")
@@ -37,70 +54,124 @@ async def test_a_script_the_server_does_not_know_is_loaded_and_run(redis: Redis)
     await scripts.aclose()
 
 
-async def test_one_connection_serves_call_after_call(redis: Redis):
+async def test_calls_of_one_turn_leave_in_one_write_and_each_gets_its_reply(redis: Redis):
     scripts = Scripts(redis)
     echo = scripts.register(ECHO)
-    for n in range(5):
-        assert await echo(keys=["k"], args=[str(n)]) == str(n).encode()
-    assert len(scripts._idle) == 1
+    assert await echo(args=["warm"]) == b"warm"  # loaded, connected
+    writes = count_writes(scripts)
+    replies = await asyncio.gather(*(echo(keys=["k"], args=[str(n)]) for n in range(50)))
+    assert replies == [str(n).encode() for n in range(50)]
+    assert writes == [50]
+    # One connection for all of them, kept for the next calls.
+    link = scripts._link
+    assert link is not None
+    for n in range(3):
+        assert await echo(args=[f"again {n}"]) == f"again {n}".encode()
+    assert scripts._link is link
     await scripts.aclose()
-    assert scripts._idle == []
+
+
+async def test_an_error_reply_fails_only_its_own_call(redis: Redis):
+    scripts = Scripts(redis)
+    echo = scripts.register(ECHO)
+    broken = scripts.register("return redis.call('INCR')")  # wrong number of arguments
+    results = await asyncio.gather(
+        echo(args=["a"]), broken(), echo(args=["b"]), return_exceptions=True
+    )
+    assert results[0] == b"a"
+    assert isinstance(results[1], ResponseError)
+    assert results[2] == b"b"
+    await scripts.aclose()
 
 
 async def test_a_connection_the_server_closed_is_replaced_unnoticed(redis: Redis):
     scripts = Scripts(redis)
     echo = scripts.register(ECHO)
     assert await echo(args=["before"]) == b"before"
-    [connection] = scripts._idle
-    client_id = await scripts._command(connection, ("CLIENT", "ID"))
+    link = scripts._link
+    client_id = await scripts._call(("CLIENT", "ID"))
     assert await redis.client_kill_filter(_id=client_id) == 1  # that connection only
     await asyncio.sleep(0.1)  # the close reaches the idle connection's socket
     assert str(client_id) not in {client["id"] for client in await redis.client_list()}
-    assert await echo(args=["after"]) == b"after"
-    assert scripts._idle != [connection]
+    replies = await asyncio.gather(echo(args=["after"]), echo(args=["and after"]))
+    assert list(replies) == [b"after", b"and after"]
+    assert scripts._link is not link
     await scripts.aclose()
 
 
-async def test_an_interrupted_call_leaves_no_reply_for_the_next(redis: Redis):
+async def test_a_call_given_up_leaves_no_reply_for_the_next(redis: Redis):
     scripts = Scripts(redis)
     slow = scripts.register(SLOW)
-    assert await slow(args=["warm"]) == b"warm"  # loaded, and one idle connection
-    [first] = scripts._idle
-    call = asyncio.create_task(slow(args=["interrupted"]))
+    assert await slow(args=["warm"]) == b"warm"
+    link = scripts._link
+    call = asyncio.create_task(slow(args=["given up"]))
     await asyncio.sleep(0.005)  # sent; Redis is busy with it
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
-    assert not first.is_connected
     assert await slow(args=["next"]) == b"next"
-    assert first not in scripts._idle
+    # Its reply was read and dropped: the connection stayed in step, and stays.
+    assert scripts._link is link
+    await scripts.aclose()
+
+
+async def test_a_call_given_up_before_it_left_is_not_sent(redis: Redis):
+    scripts = Scripts(redis)
+    echo = scripts.register(ECHO)
+    assert await echo(args=["warm"]) == b"warm"
+    writes = count_writes(scripts)
+    call = asyncio.create_task(echo(args=["never"]))
+    await asyncio.sleep(0)  # queued, not yet written
+    call.cancel()
+    results = await asyncio.gather(call, echo(args=["sent"]), return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert results[1] == b"sent"
+    assert sum(writes) == 1
     await scripts.aclose()
 
 
 async def test_redis_down_is_a_redis_failure_and_keeps_no_connection(redis: Redis):
     down = Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=1)
     scripts = Scripts(down)
-    with pytest.raises(REDIS_FAILURES) as raised:
-        await scripts.register(ECHO)(args=["x"])
-    assert isinstance(raised.value, RedisConnectionError | OSError)
-    assert scripts._idle == []
+    results = await asyncio.gather(
+        *(scripts.register(ECHO)(args=[str(n)]) for n in range(3)), return_exceptions=True
+    )
+    for result in results:
+        assert isinstance(result, REDIS_FAILURES)
+        assert isinstance(result, RedisConnectionError | OSError)
+    assert scripts._link is None
     await down.aclose()
 
 
 async def test_a_server_that_never_answers_costs_one_socket_timeout():
-    """The client's socket timeout bounds each step of a call (connect, send, reply)."""
+    """The client's socket timeout bounds connecting and each wait for a reply."""
+    accepted: list[Any] = []
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
         await reader.read()  # accepts, reads, never answers
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
+    # RESP2 without a handshake: connecting needs no reply, only the call does.
     frozen = Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=0.3)
     scripts = Scripts(frozen)
     started = asyncio.get_running_loop().time()
     with pytest.raises(REDIS_FAILURES):
         await scripts.register(ECHO)(args=["x"])
     assert asyncio.get_running_loop().time() - started < 1.5
-    assert scripts._idle == []
+    assert scripts._link is None
+    await scripts.aclose()
     await frozen.aclose()
     server.close()
+
+
+async def test_closing_fails_the_calls_still_waiting(redis: Redis):
+    scripts = Scripts(redis)
+    slow = scripts.register(SLOW)
+    assert await slow(args=["warm"]) == b"warm"
+    call = asyncio.create_task(slow(args=["waiting"]))
+    await asyncio.sleep(0.005)
+    await scripts.aclose()
+    with pytest.raises(RedisConnectionError):
+        await call
