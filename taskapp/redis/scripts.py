@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import hashlib
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 LUA = Path(__file__).with_name("lua")
+logger = logging.getLogger(__name__)
 
 
 @cache
@@ -30,14 +33,13 @@ def source(*names: str) -> str:
 
 
 class _Call:
-    """A command waiting for its reply."""
+    """A command, packed, waiting for its reply."""
 
-    __slots__ = ("command", "future", "retried")
+    __slots__ = ("future", "packed")
 
-    def __init__(self, command: tuple[Any, ...], future: asyncio.Future[Any]) -> None:
-        self.command = command
+    def __init__(self, packed: list[bytes], future: asyncio.Future[Any]) -> None:
+        self.packed = packed
         self.future = future
-        self.retried = False
 
 
 class _Link:
@@ -49,6 +51,15 @@ class _Link:
         self.connection = connection
         self.due: collections.deque[_Call] = collections.deque()
         self.reader: asyncio.Task[None] | None = None
+
+    def closed_while_idle(self) -> bool:
+        """Nothing due, and the server has closed the connection (a restart, its idle
+        timeout): writing to it would lose the calls."""
+        connection = self.connection
+        reader, writer = connection._reader, connection._writer
+        if reader is None or writer is None:
+            return True
+        return self.reader is None and (reader.at_eof() or writer.transport.is_closing())
 
 
 class Scripts:
@@ -64,19 +75,21 @@ class Scripts:
     - A caller that gives up (its timeout, a cancelled request) leaves its reply to be read
       and dropped: the connection stays in step. A call given up before it was sent is not
       sent.
-    - A connection that fails fails the calls waiting on it with that error and is dropped;
-      the next call opens another. A call lost with a connection that was closed or reset
-      (Redis restarted, or closed it while idle) is made once more on a new one, as
-      redis-py's own retry would; one that timed out is not.
-    - The client's socket timeouts bound connecting and each wait for a reply.
+    - An error reply is its own call's error. A connection that fails (reset, closed, a
+      reply later than the client's socket timeout) fails every call waiting on it and is
+      dropped; the next call opens another. Nothing is sent twice: a connection the server
+      closed while idle is noticed before anything is written to it, and replaced.
     """
 
     def __init__(self, redis: Redis) -> None:
         self._pool = redis.connection_pool
+        # Encodes commands as the connections would (never connected itself).
+        self._packer: Connection = self._pool.make_connection()  # type: ignore[no-untyped-call]
         self._link: _Link | None = None
         self._opening: asyncio.Task[None] | None = None
         self._queued: list[_Call] = []  # calls for the next write
         self._flush: asyncio.Handle | None = None
+        self._closed = False
         self._closing: set[asyncio.Task[None]] = set()
 
     def register(self, text: str) -> Script:
@@ -91,119 +104,136 @@ class Scripts:
             return await self._call(command)
 
     async def aclose(self) -> None:
+        """Fail the calls waiting, close the connection; later calls fail at once."""
+        self._closed = True
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
-        if self._opening is not None:
-            self._opening.cancel()
+        closed = RedisConnectionError("the script runner is closed")
+        self._fail(self._queued, closed)
+        self._queued = []
+        tasks = [task for task in (self._opening,) if task is not None]
         link, self._link = self._link, None
         if link is not None:
             if link.reader is not None:
-                link.reader.cancel()
-            self._fail(link.due, RedisConnectionError("closed"))
-            await link.connection.disconnect()
-        self._fail(self._queued, RedisConnectionError("closed"))
-        self._queued = []
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+                tasks.append(link.reader)
+            self._fail(link.due, closed)
+            link.due.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, *self._closing, return_exceptions=True)
+        if link is not None:
+            await link.connection.disconnect(nowait=True)
 
     async def _call(self, command: tuple[Any, ...]) -> Any:
         """`command`'s reply (or its error), sent with the others of this turn."""
-        call = _Call(command, asyncio.get_running_loop().create_future())
-        self._queue(call)
-        return await call.future
-
-    def _queue(self, call: _Call) -> None:
+        if self._closed:
+            raise RedisConnectionError("the script runner is closed")
+        loop = asyncio.get_running_loop()
+        # Packed here, so that an argument redis-py cannot encode fails its own call only.
+        call = _Call(self._packer.pack_command(*command), loop.create_future())
         self._queued.append(call)
         if self._flush is None:
-            self._flush = asyncio.get_running_loop().call_soon(self._write)
+            self._flush = loop.call_soon(self._write)
+        return await call.future
 
     def _write(self) -> None:
         """Send the calls queued, in one write, on the open connection (opening one if
-        there is none; its opening sends them)."""
+        there is none: its opening sends them)."""
         self._flush = None
+        self._queued = [call for call in self._queued if not call.future.done()]
+        if not self._queued or self._closed:
+            return
         link = self._link
-        writer = link.connection._writer if link is not None else None
-        if link is None or writer is None:
-            if link is not None:
-                self._drop(link, RedisConnectionError("connection closed"))
+        if link is not None and link.closed_while_idle():
+            self._drop(link, RedisConnectionError("connection closed by the server"))
+            link = None
+        if link is None:
             if self._opening is None:
                 self._opening = asyncio.create_task(self._open())
             return
-        calls = [call for call in self._queued if not call.future.done()]
-        self._queued = []
-        if not calls:
-            return
-        connection = link.connection
-        packed: list[bytes] = []
-        for call in calls:
-            packed.extend(connection.pack_command(*call.command))
+        calls, self._queued = self._queued, []
         link.due.extend(calls)
-        # Written at once, in order: redis-py's send_packed_command would await before
-        # writing, and two batches could then leave out of order.
-        writer.writelines(packed)
+        # Written at once, in order: redis-py's send_packed_command awaits before it writes,
+        # and two turns' calls could then leave out of order.
+        writer = link.connection._writer
+        assert writer is not None  # closed_while_idle() is False
+        writer.writelines([chunk for call in calls for chunk in call.packed])
         if link.reader is None:
             link.reader = asyncio.create_task(self._read(link))
 
     async def _open(self) -> None:
+        connection: Connection = self._pool.make_connection()  # type: ignore[no-untyped-call]
         try:
-            connection: Connection = self._pool.make_connection()  # type: ignore[no-untyped-call]
-            try:
-                await connection.connect()  # type: ignore[no-untyped-call]
-            except BaseException:
-                await connection.disconnect(nowait=True)
-                raise
+            await connection.connect()  # type: ignore[no-untyped-call]
         except Exception as exc:
+            self._opening = None
             self._fail(self._queued, exc)
             self._queued = []
+            await connection.disconnect(nowait=True)
             return
-        finally:
+        except BaseException:
             self._opening = None
+            await connection.disconnect(nowait=True)
+            raise
+        self._opening = None
+        if self._closed:
+            await connection.disconnect(nowait=True)
+            return
         self._link = _Link(connection)
-        self._write()
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_soon(self._write)
 
     async def _read(self, link: _Link) -> None:
         """Hand each reply to its call, while replies are due."""
         connection = link.connection
         try:
             while link.due:
+                reply: Any
                 try:
                     reply = await connection.read_response(disconnect_on_error=False)
                 except ResponseError as error:  # that call's error (NOSCRIPT, a script's)
                     reply = error
+                except RedisConnectionError as error:
+                    # redis-py raises some error replies as connection errors of their own
+                    # kinds (LOADING, NOAUTH): read whole, they are that call's error. A
+                    # failed connection raises the plain kind.
+                    if type(error) is RedisConnectionError:
+                        raise
+                    reply = error
                 call = link.due.popleft()
                 if call.future.done():
                     continue  # its caller gave up
-                if isinstance(reply, ResponseError):
+                if isinstance(reply, Exception):
                     call.future.set_exception(reply)
                 else:
                     call.future.set_result(reply)
-        except Exception as exc:  # the connection failed: refused, reset, closed, timed out
+        except Exception as exc:  # the connection failed: reset, closed, timed out
             self._drop(link, exc)
         finally:
             link.reader = None
 
     def _drop(self, link: _Link, exc: Exception) -> None:
-        """Forget a failed connection: its calls fail, or are made again once if the
-        connection was closed under them."""
+        """Forget a failed connection, failing the calls that were waiting on it."""
         if self._link is link:
             self._link = None
         due, link.due = list(link.due), collections.deque()
-        closed = isinstance(exc, RedisConnectionError | ConnectionError)
-        again = [c for c in due if closed and not c.retried and not c.future.done()]
-        self._fail([c for c in due if c not in again], exc)
-        for call in again:
-            call.retried = True
-            self._queue(call)
+        self._fail(due, exc)
         task = asyncio.create_task(link.connection.disconnect(nowait=True))
         self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        task.add_done_callback(self._disconnected)
+
+    def _disconnected(self, task: asyncio.Task[None]) -> None:
+        self._closing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("closing a failed Redis connection: %r", task.exception())
 
     @staticmethod
-    def _fail(calls: Sequence[_Call] | collections.deque[_Call], exc: Exception) -> None:
+    def _fail(calls: Iterable[_Call], exc: Exception) -> None:
         for call in calls:
             if not call.future.done():
-                call.future.set_exception(exc)
+                # One exception object per caller: each raises it with its own traceback.
+                call.future.set_exception(copy.copy(exc))
 
 
 class Script:

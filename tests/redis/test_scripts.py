@@ -7,12 +7,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import DataError, ResponseError
 
 from taskapp.redis.client import REDIS_FAILURES
 from taskapp.redis.scripts import Scripts
@@ -143,17 +142,17 @@ async def test_redis_down_is_a_redis_failure_and_keeps_no_connection(redis: Redi
     await down.aclose()
 
 
-async def test_a_server_that_never_answers_costs_one_socket_timeout():
+@pytest.mark.parametrize("answers_the_handshake", [False, True])
+async def test_a_server_that_never_answers_costs_one_socket_timeout(answers_the_handshake: bool):
     """The client's socket timeout bounds connecting and each wait for a reply."""
-    accepted: list[Any] = []
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer)
-        await reader.read()  # accepts, reads, never answers
+        while data := await reader.read(65536):  # accepts, reads, answers nothing but...
+            if answers_the_handshake:  # ...redis-py's CLIENT SETINFO at connect
+                writer.write(b"+OK\r\n" * data.count(b"SETINFO"))
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    # RESP2 without a handshake: connecting needs no reply, only the call does.
     frozen = Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=0.3)
     scripts = Scripts(frozen)
     started = asyncio.get_running_loop().time()
@@ -166,7 +165,7 @@ async def test_a_server_that_never_answers_costs_one_socket_timeout():
     server.close()
 
 
-async def test_closing_fails_the_calls_still_waiting(redis: Redis):
+async def test_closing_fails_the_calls_still_waiting_and_those_after(redis: Redis):
     scripts = Scripts(redis)
     slow = scripts.register(SLOW)
     assert await slow(args=["warm"]) == b"warm"
@@ -175,3 +174,34 @@ async def test_closing_fails_the_calls_still_waiting(redis: Redis):
     await scripts.aclose()
     with pytest.raises(RedisConnectionError):
         await call
+    with pytest.raises(RedisConnectionError):
+        await slow(args=["after"])
+    assert scripts._link is None
+
+
+async def test_an_argument_redis_cannot_take_fails_its_own_call_only(redis: Redis):
+    scripts = Scripts(redis)
+    echo = scripts.register(ECHO)
+    results = await asyncio.gather(
+        echo(args=["ok"]), echo(args=[None]), echo(args=["ok too"]), return_exceptions=True
+    )
+    assert results[0] == b"ok"
+    assert isinstance(results[1], DataError)
+    assert results[2] == b"ok too"
+    await scripts.aclose()
+
+
+async def test_an_error_reply_of_the_connection_kind_is_that_calls_own(redis: Redis):
+    """redis-py raises some error replies (LOADING, NOAUTH, max clients) as connection
+    errors: the one call fails, the connection and the calls behind it do not."""
+    scripts = Scripts(redis)
+    echo = scripts.register(ECHO)
+    loading = scripts.register("return redis.error_reply('LOADING Redis is loading')")
+    await redis.script_load(ECHO)  # all three in one write, none first sent as a load
+    await redis.script_load(loading.text)
+    results = await asyncio.gather(echo(args=["a"]), loading(), echo(args=["b"]),
+                                   return_exceptions=True)  # fmt: skip
+    assert results[0] == b"a"
+    assert isinstance(results[1], REDIS_FAILURES)
+    assert results[2] == b"b"
+    await scripts.aclose()
