@@ -52,14 +52,13 @@ class _Link:
         self.due: collections.deque[_Call] = collections.deque()
         self.reader: asyncio.Task[None] | None = None
 
-    def closed_while_idle(self) -> bool:
-        """Nothing due, and the server has closed the connection (a restart, its idle
-        timeout): writing to it would lose the calls."""
-        connection = self.connection
-        reader, writer = connection._reader, connection._writer
+    def closed(self) -> bool:
+        """The connection was closed, by us or by the server (a restart, its idle timeout):
+        calls written to it would be lost."""
+        reader, writer = self.connection._reader, self.connection._writer
         if reader is None or writer is None:
             return True
-        return self.reader is None and (reader.at_eof() or writer.transport.is_closing())
+        return reader.at_eof() or writer.transport.is_closing()
 
 
 class Scripts:
@@ -77,8 +76,8 @@ class Scripts:
       sent.
     - An error reply is its own call's error. A connection that fails (reset, closed, a
       reply later than the client's socket timeout) fails every call waiting on it and is
-      dropped; the next call opens another. Nothing is sent twice: a connection the server
-      closed while idle is noticed before anything is written to it, and replaced.
+      dropped; the next call opens another. Nothing is sent twice: a connection found
+      closed (by the server while idle, a restart) before a write gets none, and is replaced.
     """
 
     def __init__(self, redis: Redis) -> None:
@@ -145,20 +144,27 @@ class Scripts:
         if not self._queued or self._closed:
             return
         link = self._link
-        if link is not None and link.closed_while_idle():
+        if link is not None and link.closed():
             self._drop(link, RedisConnectionError("connection closed by the server"))
             link = None
         if link is None:
             if self._opening is None:
                 self._opening = asyncio.create_task(self._open())
             return
+        writer = link.connection._writer
+        assert writer is not None  # not closed()
         calls, self._queued = self._queued, []
-        link.due.extend(calls)
         # Written at once, in order: redis-py's send_packed_command awaits before it writes,
         # and two turns' calls could then leave out of order.
-        writer = link.connection._writer
-        assert writer is not None  # closed_while_idle() is False
-        writer.writelines([chunk for call in calls for chunk in call.packed])
+        try:
+            writer.writelines([chunk for call in calls for chunk in call.packed])
+        except (RuntimeError, OSError) as exc:  # closed under us (uvloop): nothing was sent
+            self._drop(link, RedisConnectionError(f"connection lost: {exc}"))
+            self._queued = calls + self._queued
+            if self._flush is None:
+                self._flush = asyncio.get_running_loop().call_soon(self._write)
+            return
+        link.due.extend(calls)
         if link.reader is None:
             link.reader = asyncio.create_task(self._read(link))
 

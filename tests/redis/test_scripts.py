@@ -205,3 +205,26 @@ async def test_an_error_reply_of_the_connection_kind_is_that_calls_own(redis: Re
     assert isinstance(results[1], REDIS_FAILURES)
     assert results[2] == b"b"
     await scripts.aclose()
+
+
+async def test_a_write_refused_by_a_closed_transport_is_made_on_a_new_connection(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+):
+    """uvloop refuses to write to a transport closed under it (Redis went away between
+    turns): nothing was sent, so the calls go out on the next connection."""
+    scripts = Scripts(redis)
+    echo = scripts.register(ECHO)
+    assert await echo(args=["warm"]) == b"warm"
+    link = scripts._link
+    assert link is not None
+    writer = link.connection._writer
+    assert writer is not None
+
+    def refuse(data: object) -> None:
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+    monkeypatch.setattr(writer, "writelines", refuse)
+    replies = await asyncio.gather(echo(args=["a"]), echo(args=["b"]))
+    assert list(replies) == [b"a", b"b"]
+    assert scripts._link is not link
+    await scripts.aclose()
