@@ -207,7 +207,6 @@ class OIDCKeySource:
             self._inflight = None
         JWKS_FETCHES.labels("ok").inc()
         self._keys = keys
-        self._mismatch = None
         self._fetched_at = time.monotonic()
 
     async def _fetch(self) -> dict[str, SigningKey]:

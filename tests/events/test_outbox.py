@@ -44,15 +44,21 @@ async def _clean(app: FastAPI) -> None:
         await connection.execute(text("TRUNCATE tasks, events, deliveries"))
 
 
-@pytest.fixture
-async def notifying(make_settings: SettingsFactory) -> Any:
-    # Enabled, but with no reachable broker: rows are recorded, publishing fails quietly.
-    app = create_app(
+def notifying_app(make_settings: SettingsFactory, **oidc: Any) -> FastAPI:
+    """Notifications enabled, but with no reachable broker: rows are recorded, publishing
+    fails quietly."""
+    return create_app(
         make_settings(
             notifications={"enabled": True, "queue": f"test-{uuid.uuid4().hex}"},
+            oidc_=oidc or None,
             broker_url="redis://127.0.0.1:9/0",
         )
     )
+
+
+@pytest.fixture
+async def notifying(make_settings: SettingsFactory) -> Any:
+    app = notifying_app(make_settings)
     async with running(app) as client:
         yield app, client
         await _clean(app)
@@ -185,13 +191,7 @@ async def test_an_unverified_address_is_skipped(
 async def test_an_unverified_address_is_mailed_when_allowed(
     make_settings: SettingsFactory, oidc: OIDCProvider
 ):
-    app = create_app(
-        make_settings(
-            notifications={"enabled": True, "queue": f"test-{uuid.uuid4().hex}"},
-            oidc_={"accept_unverified_email": True},
-            broker_url="redis://127.0.0.1:9/0",
-        )
-    )
+    app = notifying_app(make_settings, accept_unverified_email=True)
     async with running(app) as client:
         try:
             response = await client.post(

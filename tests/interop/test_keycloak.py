@@ -27,6 +27,7 @@ from sqlalchemy import text
 
 from taskapp.app import create_app
 from testing.keycloak import CACHE, Keycloak, locked
+from testing.polling import eventually
 from testing.processes import clean_env, running_server
 from testing.services import free_port
 from tests.conftest import SettingsFactory, app_state, running
@@ -484,13 +485,13 @@ async def test_key_rotation(make_settings: SettingsFactory, keycloak: Keycloak) 
         assert old_kid not in {key["kid"] for key in published["keys"]}
         assert (await client.get("/tasks", headers=bearer(old_token))).status_code == 200
         await asyncio.sleep(ttl + 0.2)
-        deadline = time.monotonic() + 5
-        while True:
+
+        async def old_token_refused() -> bool:
             response = await client.get("/tasks", headers=bearer(old_token))
-            if response.status_code == 401 or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.1)
-        assert_refused(response, "Unknown signing key")
+            return response.status_code == 401
+
+        await eventually(old_token_refused, "the disabled key's token refused", within=5)
+        assert_refused(await client.get("/tasks", headers=bearer(old_token)), "Unknown signing key")
         response = await client.get("/tasks", headers=bearer(new_token))
         assert response.status_code == 200, response.text
 
