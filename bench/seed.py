@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 
 import psycopg
 
+from taskapp.membership.models import INBOX_NAME, inbox_id
+
 HEAVY_OWNERS = 5
 HEAVY_SHARE = 0.02
 STATUSES = ("pending",) * 5 + ("in_progress",) * 2 + ("completed",) * 3
@@ -72,14 +74,15 @@ def _lines(dataset: Dataset, rng: random.Random, samples: int) -> Iterator[str]:
     choice = rng.choice
     for owner, size in zip(dataset.owners, dataset.sizes, strict=True):
         kept = dataset.sample_ids.setdefault(owner, [])
+        inbox = inbox_id(owner)
         for n in range(size):
             task_id = f"{getrandbits(128):032x}"
             if n < samples:
                 kept.append(str(uuid.UUID(task_id)))
             created = datetime.fromtimestamp(now - getrandbits(25) % YEAR, UTC).isoformat()
             yield (
-                f"{owner}\t{task_id}\tTask {n} of {owner[-6:]}\t{choice(DESCRIPTIONS)}\t"
-                f"{choice(STATUSES)}\t{created}\t{created}\n"
+                f"{owner}\t{task_id}\t{inbox}\t{owner}\tTask {n} of {owner[-6:]}\t"
+                f"{choice(DESCRIPTIONS)}\t{choice(STATUSES)}\t{created}\t{created}\n"
             )
 
 
@@ -101,7 +104,21 @@ def seed(dsn: str, *, rows: int, owners: int, samples: int = 20, seed: int = 1) 
         for name, _ in indexes:
             connection.execute(f'DROP INDEX "{name}"')
         with connection.cursor() as cursor:
-            columns = "owner, id, title, description, status, created_at, updated_at"
+            # Every owner's Inbox, their membership and directory entry, as the API makes them.
+            with cursor.copy("COPY users (sub) FROM STDIN") as copy:
+                copy.write("".join(f"{owner}\n" for owner in dataset.owners))
+            with cursor.copy("COPY projects (id, owner, name, personal) FROM STDIN") as copy:
+                copy.write(
+                    "".join(f"{inbox_id(o)}\t{o}\t{INBOX_NAME}\tt\n" for o in dataset.owners)
+                )
+            with cursor.copy(
+                "COPY project_members (project_id, user_id, owner, role) FROM STDIN"
+            ) as copy:
+                copy.write("".join(f"{inbox_id(o)}\t{o}\t{o}\tadmin\n" for o in dataset.owners))
+            columns = (
+                "owner, id, project_id, created_by, title, description, status, created_at, "
+                "updated_at"
+            )
             with cursor.copy(f"COPY tasks ({columns}) FROM STDIN") as copy:
                 chunk: list[str] = []
                 for line in _lines(dataset, rng, samples):
@@ -114,7 +131,7 @@ def seed(dsn: str, *, rows: int, owners: int, samples: int = 20, seed: int = 1) 
         for _, definition in indexes:
             # The parent's definition reads "ON ONLY tasks" (no partitions): build them all.
             connection.execute(definition.replace(" ON ONLY ", " ON ", 1))
-        connection.execute("VACUUM (ANALYZE) tasks")
+        connection.execute("VACUUM (ANALYZE) tasks, users, projects, project_members")
         # Flush the load's dirty pages now, not in a checkpoint during the measurement (a role
         # that may not, neither superuser nor pg_checkpoint, leaves it to the server).
         with contextlib.suppress(psycopg.errors.InsufficientPrivilege):

@@ -14,7 +14,9 @@ from sqlalchemy.pool import NullPool
 from taskapp.config import DatabaseSettings
 from taskapp.database.base import Base
 from taskapp.events import models as event_models  # noqa: F401 - registers the tables
+from taskapp.membership import models as membership_models  # noqa: F401
 from taskapp.tasks import models as task_models
+from taskapp.users import models as user_models  # noqa: F401
 
 config = context.config
 target_metadata = Base.metadata

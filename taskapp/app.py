@@ -31,14 +31,16 @@ from taskapp.http.routing import LeanRoutes, routes_of
 from taskapp.http.security_headers import SecurityHeadersMiddleware
 from taskapp.observability.http import HTTPMetricsMiddleware
 from taskapp.observability.logging import configure_logging
+from taskapp.projects.router import router as projects_router
 from taskapp.ratelimit.limiter import RateLimiter
 from taskapp.ratelimit.middleware import RateLimitMiddleware
 from taskapp.state import lifespan_state, open_state, state_of
 from taskapp.system.router import router as system_router
 from taskapp.tasks.router import router as tasks_router
+from taskapp.users.router import router as users_router
 
 # Every router of the API, in the order their routes are matched.
-ROUTERS = (system_router, tasks_router)
+ROUTERS = (system_router, tasks_router, projects_router, users_router)
 
 DESCRIPTION = """Multi-user task management API. Authenticate with an OIDC bearer token.
 

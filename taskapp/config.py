@@ -300,6 +300,11 @@ class NotificationSettings(BaseSettings):
     # The sweep re-enqueues rows still pending this long after they were due.
     grace: Annotated[float, Field(ge=0, le=86_400)] = 30.0
     sweep_interval: Annotated[float, Field(gt=0, le=3600)] = 15.0
+    # Where a mail's link to a task points: `<link_base>/tasks/<id>` (the API's address
+    # as its users reach it, or the web UI's).
+    link_base: Annotated[str, Field(pattern=r"^https?://[^\s]+$", max_length=2000)] = (
+        "http://localhost:8000"
+    )
 
 
 class WorkerSettings(BaseSettings):

@@ -213,6 +213,14 @@ def describe_codes(kinds: Iterable[ErrorKind]) -> str:
     return "\n".join(["| status | code | when |", "|---|---|---|", *rows])
 
 
+def invalid(*problems: tuple[tuple[str | int, ...], str, str]) -> RequestValidationError:
+    """A 422 `validation_failed` for input that broke a rule only the service can check:
+    each problem is (loc, msg, type), as FastAPI reports its own."""
+    return RequestValidationError(
+        [{"loc": loc, "msg": msg, "type": kind} for loc, msg, kind in problems]
+    )
+
+
 # -- the handlers ---------------------------------------------------------------------------
 
 # Starlette's own errors (an unknown path or method, a body FastAPI could not parse, a body

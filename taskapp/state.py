@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -52,6 +52,9 @@ class State:
     rate_limiter: RateLimiter
     outbox: Outbox
     tokens: TokenVerifier
+    # The callers whose directory entry this process wrote: when (monotonic seconds), and
+    # the claims it wrote (username, name, e-mail).
+    directory_seen: dict[str, tuple[float, tuple[str | None, ...]]] = field(default_factory=dict)
 
 
 def state_of(scope: Scope) -> State:

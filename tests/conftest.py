@@ -220,9 +220,11 @@ async def app(make_settings: SettingsFactory) -> AsyncIterator[FastAPI]:
 
 @pytest.fixture
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    """The shared app's client; every task (and every cached response) is removed after."""
+    """The shared app's client; every task, project and directory entry (and every cached
+    response) is removed after."""
     yield client_of(app)
     state = app_state(app)
     async with state.engine.begin() as connection:
-        await connection.execute(text("TRUNCATE tasks"))
+        await connection.execute(text("TRUNCATE tasks, project_members, projects, users"))
+    state.directory_seen.clear()
     await state.cache.clear()

@@ -19,6 +19,7 @@ class Principal:
     roles: frozenset[str]
     email: str | None = None
     username: str | None = None
+    name: str | None = None
 
     @property
     def is_admin(self) -> bool:

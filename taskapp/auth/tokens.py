@@ -165,13 +165,25 @@ class TokenVerifier:
             claims.get("email_verified") is not True and not self.accept_unverified_email
         ):
             email = None
-        username = claims.get("preferred_username")
         return Principal(
             subject=subject,
             roles=frozenset(roles),
             email=email,
-            username=username if isinstance(username, str) else None,
+            username=_text(claims.get("preferred_username")),
+            name=_text(claims.get("name")),
         )
+
+
+def _text(value: object) -> str | None:
+    """A display claim as the directory stores it: text of at most 255 characters, with no
+    NUL (PostgreSQL text cannot hold one); anything else is as if absent."""
+    if not isinstance(value, str) or not value or "\x00" in value:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        return None
+    return value[:255]
 
 
 def _expiry(claims: Mapping[str, Any]) -> float:

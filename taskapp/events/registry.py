@@ -12,5 +12,5 @@ def consumers(settings: Settings) -> list[Consumer]:
     """The enabled consumers; an event no consumer takes is not stored."""
     found: list[Consumer] = []
     if settings.notifications.enabled:
-        found.append(EmailConsumer(settings.smtp))
+        found.append(EmailConsumer(settings.smtp, link_base=settings.notifications.link_base))
     return found

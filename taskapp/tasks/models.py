@@ -1,4 +1,5 @@
-"""The `tasks` table: hash-partitioned on the owner, so one owner's rows live in one partition."""
+"""The `tasks` table: hash-partitioned on the owner of each task's project (the tenant), so a
+project's rows live in one partition."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from sqlalchemy import CheckConstraint, DateTime, Index, String, Text, Uuid, func, text
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Mapped, mapped_column
 
 from taskapp.database.base import Base
@@ -40,12 +42,29 @@ class Task(Base):
         Index("ix_tasks_created_at_id", text("created_at DESC"), text("id DESC")),
         # Admin reads and writes by id alone, where the owner (partition key) is unknown.
         Index("ix_tasks_id", "id"),
+        # One project's tasks, newest first (`?project=`, and a shared project's members).
+        Index(
+            "ix_tasks_owner_project_id_created_at_id",
+            "owner",
+            "project_id",
+            text("created_at DESC"),
+            text("id DESC"),
+        ),
+        # `?assignee=`: the tasks whose assignees contain a user.
+        Index("ix_tasks_assignees", "assignees", postgresql_using="gin"),
         {"postgresql_partition_by": "HASH (owner)"},
     )
     __mapper_args__ = {"eager_defaults": True}  # noqa: RUF012
 
+    # The owner of the task's project: the tenant, and the partition key.
     owner: Mapped[str] = mapped_column(String(255), primary_key=True)
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    project_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    created_by: Mapped[str] = mapped_column(String(255))
+    # Members of the project; kept in the row (no join to read a task, one index to filter).
+    assignees: Mapped[list[str]] = mapped_column(
+        ARRAY(String(255)), server_default=text("'{}'::character varying[]")
+    )
     title: Mapped[str] = mapped_column(String(255))
     description: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), server_default=TaskStatus.PENDING.value)

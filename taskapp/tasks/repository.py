@@ -7,7 +7,8 @@ asyncpg directly (`taskapp.database.driver`); their rows feed JSON straight away
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Any, TypeAlias, cast
 
@@ -16,8 +17,10 @@ from sqlalchemy import (
     Insert,
     Integer,
     Select,
+    String,
     Table,
     Update,
+    Uuid,
     and_,
     bindparam,
     delete,
@@ -27,52 +30,204 @@ from sqlalchemy import (
     true,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY, array
 from sqlalchemy.sql.dml import ReturningDelete
 
 from taskapp.database.driver import Record
 from taskapp.database.unit_of_work import Executor
+from taskapp.membership.models import Member
+from taskapp.membership.repository import audience, inbox_inserts, projects_of, tenants_of
 from taskapp.tasks.models import Task
 
 TaskRow: TypeAlias = Record
 _TASKS = cast(Table, Task.__table__)
+_MEMBERS = cast(Table, Member.__table__)
+_USERS = ARRAY(String(255))
+# The bound parameter naming the caller whose projects a statement is confined to.
+_VIEWER = "viewer"
 
 
-def _read_conditions(*, owner: bool, status: bool) -> list[ColumnElement[bool]]:
-    # With the owner known the planner prunes to a single partition.
-    conditions = []
+# A caller's tasks are read from the partitions of at most this many tenants by name (the
+# rest are pruned as the statement starts); with more, from every partition.
+PRUNED_TENANTS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What a user may read: the projects they are a member of, and their tenants."""
+
+    projects: tuple[uuid.UUID, ...]
+    owners: tuple[str, ...]
+
+    @classmethod
+    def of(cls, memberships: Sequence[Record]) -> Scope:
+        owners = tuple(sorted({row["owner"] for row in memberships}))
+        return cls(tuple(row["project_id"] for row in memberships), owners)
+
+    def tenants(self) -> int:
+        """How many tenant parameters the statement has: a power of two (so that few
+        statements are prepared), or 0 for every partition."""
+        count = len(self.owners)
+        return 0 if count > PRUNED_TENANTS else 1 << (count - 1).bit_length()
+
+    def parameters(self) -> dict[str, Any]:
+        slots = self.tenants()
+        # The spare slots repeat the last owner.
+        owners = [*self.owners, *[self.owners[-1]] * (slots - len(self.owners))]
+        values: dict[str, Any] = {f"tenant_{n}": owner for n, owner in enumerate(owners[:slots])}
+        values["scope_projects"] = list(self.projects)
+        return values
+
+
+def _in_scope(tenants: int) -> list[ColumnElement[bool]]:
+    """Tasks of the scope's projects, with their owners named one by one (`IN ($1, $2)`):
+    PostgreSQL prunes the other partitions when it starts the plan, generic plans too (it
+    cannot for `owner = ANY($1)` with an array parameter)."""
+    projects = bindparam("scope_projects", type_=ARRAY(Uuid))
+    return [_TASKS.c.project_id == func.any(projects), *_named_tenants(tenants)]
+
+
+def _named_tenants(tenants: int | None) -> list[ColumnElement[bool]]:
+    if not tenants:
+        return []
+    owners = [bindparam(f"tenant_{n}", type_=String(255)) for n in range(tenants)]
+    return [_TASKS.c.owner.in_(owners)]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFilter:
+    """What a list is narrowed to; each None is no condition."""
+
+    scope: Scope | None = None  # only tasks of these projects (None: every task)
+    owner: str | None = None  # the tenant
+    status: str | None = None
+    project: uuid.UUID | None = None
+    assignee: str | None = None  # a user, or NO_ASSIGNEE
+    created_by: str | None = None
+
+    def parameters(self) -> dict[str, Any]:
+        values = {
+            "owner": self.owner,
+            "status": self.status,
+            "project": self.project,
+            "assignee": None if self.assignee == NO_ASSIGNEE else self.assignee,
+            "created_by": self.created_by,
+        }
+        found = {name: value for name, value in values.items() if value is not None}
+        if self.scope is not None:
+            found.update(self.scope.parameters())
+        return found
+
+    def shape(self) -> tuple[int | None, bool, bool, bool, str | None, bool]:
+        """What the statement depends on: its conditions, not their values."""
+        assignee = None
+        if self.assignee is not None:
+            assignee = "none" if self.assignee == NO_ASSIGNEE else "user"
+        return (
+            None if self.scope is None else self.scope.tenants(),
+            self.owner is not None,
+            self.status is not None,
+            self.project is not None,
+            assignee,
+            self.created_by is not None,
+        )
+
+
+NO_ASSIGNEE = ""  # TaskFilter.assignee: tasks nobody is assigned to
+
+
+def _member_of(*, editing: bool) -> list[ColumnElement[bool]]:
+    """Tasks of the projects the viewer is a member of (may edit), read from the members as
+    the statement runs: for a change by id, one statement that cannot be refused wrongly
+    by a membership read before it."""
+    return [
+        _TASKS.c.owner.in_(tenants_of(_VIEWER, editing=editing)),
+        _TASKS.c.project_id.in_(projects_of(_VIEWER, editing=editing)),
+    ]
+
+
+def _read_conditions(
+    scope: int | None,
+    owner: bool,
+    status: bool,
+    project: bool,
+    assignee: str | None,
+    created_by: bool,
+) -> list[ColumnElement[bool]]:
+    conditions = [] if scope is None else _in_scope(scope)
     if owner:
         conditions.append(_TASKS.c.owner == bindparam("owner"))
     if status:
         conditions.append(_TASKS.c.status == bindparam("status"))
+    if project:
+        conditions.append(_TASKS.c.project_id == bindparam("project"))
+    if assignee == "user":
+        member = bindparam("assignee", type_=String(255))
+        conditions.append(_TASKS.c.assignees.contains(array([member])))
+    elif assignee == "none":
+        conditions.append(func.cardinality(_TASKS.c.assignees) == 0)
+    if created_by:
+        conditions.append(_TASKS.c.created_by == bindparam("created_by"))
     return conditions
 
 
-def _one_task(*, owner: bool) -> list[ColumnElement[bool]]:
-    # Bound as match_*: an UPDATE may not bind a parameter under a column's own name.
-    conditions = [_TASKS.c.id == bindparam("match_id")]
-    if owner:  # with the owner known the planner prunes to a single partition
-        conditions.append(_TASKS.c.owner == bindparam("match_owner"))
-    return conditions
-
-
-def _identity(task_id: uuid.UUID, owner: str | None) -> dict[str, Any]:
-    """The bound values of `_one_task`."""
+def _identity(task_id: uuid.UUID, viewer: str | None) -> dict[str, Any]:
+    """The bound values of a change by id, confined to `viewer`'s projects unless None."""
     parameters: dict[str, Any] = {"match_id": task_id}
-    if owner is not None:
-        parameters["match_owner"] = owner
+    if viewer is not None:
+        parameters[_VIEWER] = viewer
     return parameters
 
 
-@cache
-def _get_statement(*, owner: bool) -> Select[Any]:
-    return select(_TASKS).where(*_one_task(owner=owner))
+def _outer_conditions(scope: int | None, *, owner: bool) -> list[ColumnElement[bool]]:
+    """The tenant conditions alone: what prunes the scan that reads a page's rows."""
+    conditions = _named_tenants(scope)
+    if owner:
+        conditions.append(_TASKS.c.owner == bindparam("owner"))
+    return conditions
+
+
+def _by_id() -> ColumnElement[bool]:
+    # Bound as match_*: an UPDATE may not bind a parameter under a column's own name.
+    return _TASKS.c.id == bindparam("match_id")
 
 
 @cache
-def _list_statement(*, owner: bool, status: bool) -> Select[Any]:
+def _get_statement(tenants: int | None) -> Select[Any]:
+    conditions = [] if tenants is None else _in_scope(tenants)
+    return select(_TASKS).where(_by_id(), *conditions)
+
+
+@cache
+def _locking_get_statement(*, viewer: bool) -> Select[Any]:
+    """The task with the caller's role in its project and its project's members, locked
+    until the change commits."""
+    role = (
+        select(_MEMBERS.c.role)
+        .where(_MEMBERS.c.project_id == _TASKS.c.project_id)
+        .where(_MEMBERS.c.user_id == bindparam("caller"))
+        .scalar_subquery()
+        .label("role")
+    )
+    return (
+        select(_TASKS, role, audience(_TASKS.c.project_id))
+        .where(_by_id(), *(_member_of(editing=False) if viewer else ()))
+        .with_for_update(of=_TASKS)
+    )
+
+
+@cache
+def _list_statement(
+    scope: int | None,
+    owner: bool,
+    status: bool,
+    project: bool,
+    assignee: str | None,
+    created_by: bool,
+) -> Select[Any]:
     """One round trip for a page: the matching count, left-joined to the page's rows, so
     there is one row (with NULL task columns) even when the page is empty."""
-    conditions = _read_conditions(owner=owner, status=status)
+    conditions = _read_conditions(scope, owner, status, project, assignee, created_by)
     newest_first = (_TASKS.c.created_at.desc(), _TASKS.c.id.desc())
     total = select(func.count().label("total")).select_from(_TASKS).where(*conditions)
     # Deferred join: the offset is walked in the index alone (an index-only scan of the
@@ -80,20 +235,20 @@ def _list_statement(*, owner: bool, status: bool) -> Select[Any]:
     # plain `SELECT * ... OFFSET n` fetches every skipped row, so deep pages cost far more.
     # Across all owners the page bounds are written into the SQL: the engine runs generic
     # plans, and one made without knowing LIMIT reads the whole table into a hash join.
-    # Within one owner the generic plan is the right one.
-    literal = not owner
+    # Within the owners of one caller the generic plan is the right one.
+    bounds = not owner and scope is None
     keys = (
         select(_TASKS.c.owner, _TASKS.c.id)
         .where(*conditions)
         .order_by(*newest_first)
-        .offset(bindparam("offset", type_=Integer, literal_execute=literal))
-        .limit(bindparam("limit", type_=Integer, literal_execute=literal))
+        .offset(bindparam("offset", type_=Integer, literal_execute=bounds))
+        .limit(bindparam("limit", type_=Integer, literal_execute=bounds))
         .subquery("page_keys")
     )
     page = (
         select(_TASKS)
         .join(keys, and_(_TASKS.c.owner == keys.c.owner, _TASKS.c.id == keys.c.id))
-        .where(*_read_conditions(owner=owner, status=False))  # prunes the outer scan too
+        .where(*_outer_conditions(scope, owner=owner))  # prunes the outer scan too
         .subquery("page")
     )
     counted = total.subquery("counted")
@@ -110,28 +265,74 @@ _NEW = "new_"
 
 
 @lru_cache(maxsize=64)
-def _insert_statement(columns: frozenset[str]) -> Insert:
-    return (
+def _insert_statement(columns: frozenset[str], *, inbox: bool) -> Insert:
+    """`inbox`: the task goes to its creator's Inbox, made on the way if it is not there."""
+    statement = (
         insert(_TASKS)
         .values({name: bindparam(f"{_NEW}{name}") for name in sorted(columns)})
         .returning(_TASKS)
     )
+    if inbox:
+        for cte in inbox_inserts():
+            statement = statement.add_cte(cte)
+    return statement
 
 
 @lru_cache(maxsize=64)
-def _update_statement(columns: frozenset[str], *, owner: bool) -> Update:
+def _update_statement(columns: frozenset[str], *, viewer: bool) -> Update:
+    """A change by id, confined to the projects the viewer may edit; the members of the
+    task's project come back with it (whose cached views it touches)."""
     values: dict[str, Any] = {name: bindparam(f"{_NEW}{name}") for name in sorted(columns)}
     return (
         update(_TASKS)
-        .where(*_one_task(owner=owner))
+        .where(_by_id(), *(_member_of(editing=True) if viewer else ()))
+        .values({**values, "updated_at": func.now()})
+        .returning(_TASKS, audience(_TASKS.c.project_id))
+    )
+
+
+@lru_cache(maxsize=64)
+def _update_row_statement(columns: frozenset[str]) -> Update:
+    """A change of a task by its primary key: its tenant may change (the row moves)."""
+    values: dict[str, Any] = {name: bindparam(f"{_NEW}{name}") for name in sorted(columns)}
+    return (
+        update(_TASKS)
+        .where(_TASKS.c.owner == bindparam("match_owner"), _TASKS.c.id == bindparam("match_id"))
         .values({**values, "updated_at": func.now()})
         .returning(_TASKS)
     )
 
 
 @cache
-def _delete_statement(*, owner: bool) -> ReturningDelete[Any]:
-    return delete(_TASKS).where(*_one_task(owner=owner)).returning(_TASKS.c.owner)
+def _delete_statement() -> ReturningDelete[Any]:
+    return delete(_TASKS).where(_by_id()).returning(_TASKS.c.owner, audience(_TASKS.c.project_id))
+
+
+def _in_project() -> list[ColumnElement[bool]]:
+    return [
+        _TASKS.c.owner == bindparam("match_owner"),
+        _TASKS.c.project_id == bindparam("match_project"),
+    ]
+
+
+@cache
+def _end_assignments_statement() -> Update:
+    user = bindparam("user", type_=String(255))
+    return (
+        update(_TASKS)
+        .where(*_in_project(), _TASKS.c.assignees.contains(array([user])))
+        .values(assignees=func.array_remove(_TASKS.c.assignees, user), updated_at=func.now())
+    )
+
+
+@cache
+def _move_tenant_statement() -> Update:
+    return update(_TASKS).where(*_in_project()).values(owner=bindparam("new_owner"))
+
+
+@cache
+def _delete_project_statement() -> Any:
+    return delete(_TASKS).where(*_in_project())
 
 
 class TaskRepository:
@@ -140,42 +341,82 @@ class TaskRepository:
     def __init__(self, connection: Executor) -> None:
         self.connection = connection
 
-    async def add(self, values: Mapping[str, Any]) -> TaskRow:
-        """Insert a task; the stored row, server defaults (timestamps) included."""
-        statement = _insert_statement(frozenset(values))
+    async def add(self, values: Mapping[str, Any], *, inbox: Mapping[str, Any] | None) -> TaskRow:
+        """Insert a task; the stored row, server defaults (timestamps) included. `inbox`:
+        the bound values of the creator's Inbox (`inbox_parameters`), when it goes there."""
+        statement = _insert_statement(frozenset(values), inbox=inbox is not None)
         parameters = {f"{_NEW}{name}": value for name, value in values.items()}
+        if inbox is not None:
+            parameters.update(inbox)
         (row,) = await self.connection.fetch(statement, parameters)
         return row
 
-    async def get(self, task_id: uuid.UUID, *, owner: str | None) -> TaskRow | None:
-        statement = _get_statement(owner=owner is not None)
-        return _one_or_none(await self.connection.fetch(statement, _identity(task_id, owner)))
+    async def get(self, task_id: uuid.UUID, *, scope: Scope | None) -> TaskRow | None:
+        """The task, if it is in `scope` (None: anywhere)."""
+        parameters: dict[str, Any] = {"match_id": task_id}
+        if scope is not None:
+            if not scope.projects:
+                return None
+            parameters.update(scope.parameters())
+        statement = _get_statement(None if scope is None else scope.tenants())
+        return _one_or_none(await self.connection.fetch(statement, parameters))
+
+    async def get_for_update(
+        self, task_id: uuid.UUID, *, caller: str, viewer: str | None
+    ) -> TaskRow | None:
+        """The task locked, with `role` (the caller's in its project, or None) and
+        `audience` (its project's members)."""
+        parameters = {**_identity(task_id, viewer), "caller": caller}
+        statement = _locking_get_statement(viewer=viewer is not None)
+        return _one_or_none(await self.connection.fetch(statement, parameters))
 
     async def list(
-        self, *, owner: str | None, status: str | None, offset: int, limit: int
+        self, where: TaskFilter, *, offset: int, limit: int
     ) -> tuple[int, list[TaskRow]]:
-        parameters: dict[str, Any] = {"offset": offset, "limit": limit}
-        if owner is not None:
-            parameters["owner"] = owner
-        if status is not None:
-            parameters["status"] = status
-        statement = _list_statement(owner=owner is not None, status=status is not None)
-        rows = await self.connection.fetch(statement, parameters)
+        if where.scope is not None and not where.scope.projects:
+            return 0, []
+        parameters: dict[str, Any] = {"offset": offset, "limit": limit, **where.parameters()}
+        rows = await self.connection.fetch(_list_statement(*where.shape()), parameters)
         return rows[0]["total"], [row for row in rows if row["id"] is not None]
 
     async def update(
-        self, task_id: uuid.UUID, changes: Mapping[str, Any], *, owner: str | None
+        self, task_id: uuid.UUID, changes: Mapping[str, Any], *, viewer: str | None
     ) -> TaskRow | None:
-        parameters = _identity(task_id, owner)
+        """Change the task if `viewer` (None: anyone) may edit it; with `audience`."""
+        parameters = _identity(task_id, viewer)
         parameters.update((f"{_NEW}{name}", value) for name, value in changes.items())
-        statement = _update_statement(frozenset(changes), owner=owner is not None)
+        statement = _update_statement(frozenset(changes), viewer=viewer is not None)
         return _one_or_none(await self.connection.fetch(statement, parameters))
 
-    async def delete(self, task_id: uuid.UUID, *, owner: str | None) -> str | None:
-        """Delete the task; its owner, or None when there was no such task."""
-        statement = _delete_statement(owner=owner is not None)
-        row = _one_or_none(await self.connection.fetch(statement, _identity(task_id, owner)))
-        return None if row is None else str(row["owner"])
+    async def update_row(
+        self, owner: str, task_id: uuid.UUID, changes: Mapping[str, Any]
+    ) -> TaskRow:
+        """Change the task whose primary key is (`owner`, `task_id`), found and locked in
+        this unit of work; `changes` may move it to another tenant."""
+        parameters: dict[str, Any] = {"match_owner": owner, "match_id": task_id}
+        parameters.update((f"{_NEW}{name}", value) for name, value in changes.items())
+        (row,) = await self.connection.fetch(_update_row_statement(frozenset(changes)), parameters)
+        return row
+
+    async def delete(self, task_id: uuid.UUID) -> TaskRow | None:
+        """Delete the task; its `owner` and `audience`, or None when there was no such task."""
+        rows = await self.connection.fetch(_delete_statement(), {"match_id": task_id})
+        return _one_or_none(rows)
+
+    async def end_assignments(self, owner: str, project_id: uuid.UUID, user: str) -> None:
+        """`user` is no longer assigned to any task of the project."""
+        parameters = {"match_owner": owner, "match_project": project_id, "user": user}
+        await self.connection.fetch(_end_assignments_statement(), parameters)
+
+    async def move_tenant(self, owner: str, project_id: uuid.UUID, new_owner: str) -> None:
+        """Every task of the project to the partition of its new owner."""
+        parameters = {"match_owner": owner, "match_project": project_id, "new_owner": new_owner}
+        await self.connection.fetch(_move_tenant_statement(), parameters)
+
+    async def delete_project(self, owner: str, project_id: uuid.UUID) -> None:
+        """Every task of the project."""
+        parameters = {"match_owner": owner, "match_project": project_id}
+        await self.connection.fetch(_delete_project_statement(), parameters)
 
 
 def _one_or_none(rows: list[TaskRow]) -> TaskRow | None:

@@ -13,15 +13,29 @@ from taskapp.dependencies import API_ERRORS
 from taskapp.errors import BadRequestError, error_responses
 from taskapp.http.responses import json_bytes
 from taskapp.http.routing import lean_route
+from taskapp.membership.errors import ProjectArchivedError, ProjectNotFoundError
 from taskapp.tasks.errors import TaskNotFoundError
 from taskapp.tasks.models import TaskStatus
 from taskapp.tasks.schemas import Owner, TaskCreate, TaskPage, TaskRead, TaskUpdate
 from taskapp.tasks.service import TaskReaderDep, TaskServiceDep
 
-_READ = error_responses(*API_ERRORS)
+_READ = error_responses(*API_ERRORS, ProjectNotFoundError)
 _READ_ONE = error_responses(*API_ERRORS, TaskNotFoundError)
-_CREATE = error_responses(*API_ERRORS, BadRequestError, OutcomeUnknownError)
-_CHANGE = error_responses(*API_ERRORS, BadRequestError, TaskNotFoundError, OutcomeUnknownError)
+_CREATE = error_responses(
+    *API_ERRORS,
+    BadRequestError,
+    OutcomeUnknownError,
+    ProjectNotFoundError,
+    ProjectArchivedError,
+)
+_CHANGE = error_responses(
+    *API_ERRORS,
+    BadRequestError,
+    TaskNotFoundError,
+    OutcomeUnknownError,
+    ProjectNotFoundError,
+    ProjectArchivedError,
+)
 _DELETE = error_responses(*API_ERRORS, TaskNotFoundError, OutcomeUnknownError)
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
@@ -40,7 +54,8 @@ MAX_PAGE = 1_000_000
 async def create_task(
     body: TaskCreate, principal: UserPrincipal, service: TaskServiceDep
 ) -> Response:
-    """Create a task owned by the caller."""
+    """Create a task: in the caller's Inbox, or in `project_id` (editors), optionally
+    assigned to members of that project (each assignee is e-mailed)."""
     return json_bytes(await service.create(principal, body), status.HTTP_201_CREATED)
 
 
@@ -54,10 +69,26 @@ async def list_tasks(
     task_status: Annotated[
         TaskStatus | None, Query(alias="status", description="Only tasks in this status")
     ] = None,
+    project: Annotated[uuid.UUID | None, Query(description="Only this project's tasks")] = None,
+    assignee: Annotated[
+        Owner | None,
+        Query(description="`me`, `none`, or a user (subject, username or e-mail address)"),
+    ] = None,
+    created_by: Annotated[
+        Owner | None, Query(description="`me` or a user's subject: who created the task")
+    ] = None,
 ) -> Response:
-    """List the caller's tasks (all tasks for admins), newest first."""
+    """List the tasks the caller can see (their Inbox and every project they are a member
+    of; all tasks for admins), newest first."""
     body = await reader.list(
-        principal, page=page, page_size=page_size, owner=owner, status=task_status
+        principal,
+        page=page,
+        page_size=page_size,
+        owner=owner,
+        status=task_status,
+        project=project,
+        assignee=assignee,
+        created_by=created_by,
     )
     return json_bytes(body)
 
@@ -72,7 +103,8 @@ async def get_task(task_id: uuid.UUID, principal: UserPrincipal, reader: TaskRea
 async def update_task(
     task_id: uuid.UUID, body: TaskUpdate, principal: UserPrincipal, service: TaskServiceDep
 ) -> Response:
-    """Change any of a task's title, description and status."""
+    """Change any of a task's title, description and status (editors of its project), move
+    it to another project (`project_id`: editor in both), or replace its assignees."""
     return json_bytes(await service.update(principal, task_id, body))
 
 

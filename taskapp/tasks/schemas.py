@@ -51,6 +51,15 @@ Owner = Annotated[
 Description = Annotated[str, Field(max_length=DESCRIPTION_MAX), AfterValidator(_storable), NO_NUL]
 
 
+def _distinct(users: list[str]) -> list[str]:
+    return list(dict.fromkeys(users))
+
+
+MAX_ASSIGNEES = 50
+# Members of the task's project, by subject; a name given twice counts once.
+Assignees = Annotated[list[Owner], Field(max_length=MAX_ASSIGNEES), AfterValidator(_distinct)]
+
+
 class TaskCreate(BaseModel):
     """A new task. Unknown fields are rejected so typos do not pass silently."""
 
@@ -59,13 +68,16 @@ class TaskCreate(BaseModel):
     title: Title
     description: Description | None = None
     status: TaskStatus = TaskStatus.PENDING
+    # None: the caller's Inbox.
+    project_id: uuid.UUID | None = None
+    assignees: Assignees = []
 
 
 def _update_schema(schema: dict[str, Any]) -> None:
     # The documented body is what is accepted: at least one field; title and status may be
     # left out but not set to null (their None defaults only mean "not sent").
     schema["minProperties"] = 1
-    for name in ("title", "status"):
+    for name in ("title", "status", "project_id", "assignees"):
         schema["properties"][name].pop("default", None)
 
 
@@ -77,13 +89,19 @@ class TaskUpdate(BaseModel):
     title: Title | SkipJsonSchema[None] = None
     description: Description | None = None
     status: TaskStatus | SkipJsonSchema[None] = None
+    # Move to another project (editor there and here).
+    project_id: uuid.UUID | SkipJsonSchema[None] = None
+    # Replaces the set.
+    assignees: Assignees | SkipJsonSchema[None] = None
 
     @model_validator(mode="after")
     def _meaningful(self) -> Self:
         if not self.model_fields_set:
-            raise ValueError("at least one of title, description, status is required")
+            raise ValueError(
+                "at least one of title, description, status, project_id, assignees is required"
+            )
         # description may be cleared with null; a task always has a title and a status.
-        for name in ("title", "status"):
+        for name in ("title", "status", "project_id", "assignees"):
             if name in self.model_fields_set and getattr(self, name) is None:
                 raise ValueError(f"{name} must not be null")
         return self
@@ -97,7 +115,10 @@ class TaskRead(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: uuid.UUID
-    owner: str
+    owner: str  # the owner of the task's project
+    project_id: uuid.UUID
+    created_by: str
+    assignees: list[str]
     title: str
     description: str | None
     status: TaskStatus

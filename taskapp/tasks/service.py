@@ -3,32 +3,51 @@ events it records."""
 
 from __future__ import annotations
 
+import json
+import math
 import uuid
-from typing import Annotated
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
 from taskapp.auth.principal import Principal
 from taskapp.database.connections import Database
+from taskapp.database.driver import Record
+from taskapp.database.unit_of_work import UnitOfWork
 from taskapp.dependencies import request_cache, request_database
 from taskapp.errors import ForbiddenError
-from taskapp.events.consumers.email import TASK_CREATED
+from taskapp.events.consumers.email import TASK_ASSIGNED, TASK_CREATED
 from taskapp.events.event import NewEvent
+from taskapp.membership.errors import ProjectArchivedError, ProjectNotFoundError, not_members
+from taskapp.membership.models import EDITING_ROLES, inbox_id
+from taskapp.membership.repository import MembershipRepository, inbox_parameters
 from taskapp.redis.cache import RequestCache
 from taskapp.tasks.errors import TaskNotFoundError
 from taskapp.tasks.models import TaskStatus
-from taskapp.tasks.repository import TaskRepository, TaskRow
+from taskapp.tasks.repository import NO_ASSIGNEE, Scope, TaskFilter, TaskRepository, TaskRow
 from taskapp.tasks.schemas import TaskCreate, TaskPage, TaskRead, TaskUpdate
 from taskapp.tasks.views import view_of, views_changed
+from taskapp.users.repository import UserRepository
+from taskapp.users.service import remember_caller
+
+ME = "me"
+NONE = "none"
+_AT: tuple[str | int, ...] = ("body", "assignees")  # where assignees are in the input
 
 
-def _confined_to(principal: Principal) -> str | None:
-    """The owner a caller is confined to; None for an admin, who sees every task."""
+def _viewer(principal: Principal) -> str | None:
+    """The user whose projects a caller is confined to; None for an admin, who sees every
+    task."""
     return None if principal.is_admin else principal.subject
 
 
 def _json(task: TaskRow) -> bytes:
     return TaskRead.model_validate(dict(task)).model_dump_json().encode()
+
+
+def _may_edit(principal: Principal, role: str | None) -> bool:
+    return principal.is_admin or role in EDITING_ROLES
 
 
 class TaskReader:
@@ -48,26 +67,35 @@ class TaskReader:
         *,
         page: int,
         page_size: int,
-        owner: str | None,
-        status: TaskStatus | None,
+        owner: str | None = None,
+        status: TaskStatus | None = None,
+        project: uuid.UUID | None = None,
+        assignee: str | None = None,
+        created_by: str | None = None,
     ) -> bytes:
-        if principal.is_admin:
-            confined = owner
-        elif owner is None or owner == principal.subject:
-            confined = principal.subject
-        else:
+        if not principal.is_admin and owner is not None and owner != principal.subject:
             raise ForbiddenError("Only admins may list another owner's tasks")
+        if created_by == ME:
+            created_by = principal.subject
 
         async def load(written_at: float) -> bytes:
-            total, tasks = await self.database.read(
-                written_at,
-                lambda connection: TaskRepository(connection).list(
-                    owner=confined,
+            async def query(connection: Any) -> tuple[int, list[Record]]:
+                scope = await _scope(connection, principal)
+                if project is not None and scope is not None and project not in scope.projects:
+                    raise ProjectNotFoundError()
+                where = TaskFilter(
+                    scope=scope,
+                    owner=owner,
                     status=status.value if status else None,
-                    offset=(page - 1) * page_size,
-                    limit=page_size,
-                ),
-            )
+                    project=project,
+                    assignee=await _assignee(connection, principal, assignee),
+                    created_by=created_by,
+                )
+                return await TaskRepository(connection).list(
+                    where, offset=(page - 1) * page_size, limit=page_size
+                )
+
+            total, tasks = await self.database.read(written_at, query)
             # One validation of the whole page: a model per row costs half as much again.
             result = TaskPage.model_validate(
                 {
@@ -79,18 +107,16 @@ class TaskReader:
             )
             return result.model_dump_json().encode()
 
-        # The owner filter is part of the key, never of the view: an admin's filtered page
-        # lives in the admin view, which every write makes stale.
-        key = f"list:{page}:{page_size}:{status or ''}:{len(owner or '')}:{owner or ''}"
+        # Every filter is part of the key, never of the view: an admin's filtered page lives
+        # in the admin view, which every write makes stale.
+        filters = [owner, status, project and str(project), assignee, created_by]
+        key = f"list:{page}:{page_size}:{json.dumps(filters, separators=(',', ':'))}"
         return await self.cache.get_or_load(view_of(principal), key, load)
 
     async def get(self, principal: Principal, task_id: uuid.UUID) -> bytes:
         async def load(written_at: float) -> bytes:
             task = await self.database.read(
-                written_at,
-                lambda connection: TaskRepository(connection).get(
-                    task_id, owner=_confined_to(principal)
-                ),
+                written_at, lambda connection: _get(connection, principal, task_id)
             )
             if task is None:
                 raise TaskNotFoundError()
@@ -99,74 +125,241 @@ class TaskReader:
         return await self.cache.get_or_load(view_of(principal), f"task:{task_id}", load)
 
 
+async def _scope(connection: Any, principal: Principal) -> Scope | None:
+    """What the caller may read: the projects they are a member of (None: everything)."""
+    if principal.is_admin:
+        return None
+    return Scope.of(await MembershipRepository(connection).memberships(principal.subject))
+
+
+async def _get(connection: Any, principal: Principal, task_id: uuid.UUID) -> Record | None:
+    scope = await _scope(connection, principal)
+    return await TaskRepository(connection).get(task_id, scope=scope)
+
+
+async def _assignee(connection: Any, principal: Principal, assignee: str | None) -> str | None:
+    """The `assignee` filter as a subject (`me`, `none`, or a user's subject, username or
+    e-mail address); a name nobody has matches no task."""
+    if assignee is None:
+        return None
+    if assignee == ME:
+        return principal.subject
+    if assignee == NONE:
+        return NO_ASSIGNEE
+    found = await UserRepository(connection).resolve(assignee)
+    return found[0] if len(found) == 1 else assignee
+
+
 class TaskService:
-    """Changes. Each is one statement, so its unit of work commits it on its own, with the
-    events it records inside it; only then are the views it touched forgotten and its events
-    handed on. Each answers with the stored task's JSON."""
+    """Changes. Each commits its statements with the events it records; only then are the
+    views it touched forgotten and its events handed on. Each answers with the stored task's
+    JSON. A change that is one statement (most of them) runs as one, with its events inside
+    it."""
 
     def __init__(self, database: Database) -> None:
         self.database = database
 
     async def create(self, principal: Principal, data: TaskCreate) -> bytes:
-        task_id = uuid.uuid4()
-        owner = principal.subject
-        async with self.database.unit_of_work(single_statement=True) as work:
-            work.touches(*views_changed(owner))
-            work.emit(
-                NewEvent(
-                    kind=TASK_CREATED,
-                    aggregate_id=task_id,
-                    owner=owner,
-                    actor=principal.subject,
-                    payload={
-                        "title": data.title,
-                        "description": data.description,
-                        "status": data.status.value,
-                        "email": principal.email,
-                    },
-                )
-            )
+        if data.project_id is None or data.project_id == inbox_id(principal.subject):
+            return await self._create_in_inbox(principal, data)
+        project_id = data.project_id
+        async with self.database.unit_of_work() as work:
+            project = await _editable_project(work, principal, project_id)
+            assignees = await _members(work, project_id, data.assignees)
+            task_id = uuid.uuid4()
+            work.emit(_created(principal, task_id, project["owner"], data))
+            for event in _assigned(principal, task_id, project, data.title, assignees, ()):
+                work.emit(event)
             task = await TaskRepository(work).add(
                 {
-                    "id": task_id,
-                    "owner": owner,
-                    "title": data.title,
-                    "description": data.description,
-                    "status": data.status.value,
-                }
+                    **_new_task(principal, task_id, data),
+                    "owner": project["owner"],
+                    "project_id": project_id,
+                },
+                inbox=None,
+            )
+            work.touches(*views_changed(project["audience"]))
+        return _json(task)
+
+    async def _create_in_inbox(self, principal: Principal, data: TaskCreate) -> bytes:
+        """One statement: the Inbox (made if missing), the task and its events. Its only
+        member is its owner."""
+        me = principal.subject
+        strangers = [((*_AT, n), user) for n, user in enumerate(data.assignees) if user != me]
+        if strangers:
+            raise not_members(*strangers)
+        task_id = uuid.uuid4()
+        async with self.database.unit_of_work(single_statement=True) as work:
+            work.touches(*views_changed((me,)))
+            work.emit(_created(principal, task_id, me, data))
+            task = await TaskRepository(work).add(
+                {**_new_task(principal, task_id, data), "owner": me, "project_id": inbox_id(me)},
+                inbox=inbox_parameters(me),
             )
         return _json(task)
 
     async def update(self, principal: Principal, task_id: uuid.UUID, data: TaskUpdate) -> bytes:
-        confined = _confined_to(principal)
+        changes = data.changes()
+        if "project_id" in changes or "assignees" in changes:
+            return await self._reassign(principal, task_id, data)
+        viewer = _viewer(principal)
         async with self.database.unit_of_work(single_statement=True) as work:
-            if confined is not None:
-                work.may_touch(*views_changed(confined))
-            task = await TaskRepository(work).update(task_id, data.changes(), owner=confined)
+            task = await TaskRepository(work).update(task_id, changes, viewer=viewer)
             if task is not None:
-                work.touches(*views_changed(task["owner"]))
+                work.touches(*views_changed(task["audience"]))
         if task is None:
-            raise TaskNotFoundError()
+            await self._refused(principal, task_id)
         return _json(task)
 
+    async def _refused(self, principal: Principal, task_id: uuid.UUID) -> None:
+        """Why a change found no task: 403 when the caller may see it (a viewer), else 404."""
+        seen = await self.database.read(
+            math.inf, lambda connection: _get(connection, principal, task_id)
+        )
+        if seen is not None:
+            raise ForbiddenError("Viewers of a project may not change its tasks")
+        raise TaskNotFoundError()
+
+    async def _reassign(self, principal: Principal, task_id: uuid.UUID, data: TaskUpdate) -> bytes:
+        """A change of project or assignees: read and lock the task, check both projects and
+        the assignees, then write it (moving its row when the tenant changes)."""
+        changes = data.changes()
+        changes.pop("project_id", None)
+        changes.pop("assignees", None)
+        async with self.database.unit_of_work() as work:
+            tasks = TaskRepository(work)
+            task = await tasks.get_for_update(
+                task_id, caller=principal.subject, viewer=_viewer(principal)
+            )
+            if task is None:
+                raise TaskNotFoundError()
+            if not _may_edit(principal, task["role"]):
+                raise ForbiddenError("Viewers of a project may not change its tasks")
+            audience = list(task["audience"])
+            project_id, owner = task["project_id"], task["owner"]
+            project: Mapping[str, Any] | None = None
+            if data.project_id is not None and data.project_id != project_id:
+                project = await _editable_project(work, principal, data.project_id)
+                project_id, owner = data.project_id, project["owner"]
+                audience += project["audience"]
+                changes.update(project_id=project_id, owner=owner)
+            current = list(task["assignees"])
+            # Without new assignees, a move keeps those who are members there too.
+            wanted = current if data.assignees is None else data.assignees
+            assignees = await _members(work, project_id, wanted, lenient=data.assignees is None)
+            changes["assignees"] = [row["user_id"] for row in assignees]
+            if project is None:
+                project = await MembershipRepository(work).access(project_id, principal.subject)
+                assert project is not None  # locked with its task
+            title = str(changes.get("title", task["title"]))
+            for event in _assigned(principal, task_id, project, title, assignees, current):
+                work.emit(event)
+            updated = await tasks.update_row(task["owner"], task_id, changes)
+            work.touches(*views_changed(audience))
+        return _json(updated)
+
     async def delete(self, principal: Principal, task_id: uuid.UUID) -> None:
-        confined = _confined_to(principal)
         async with self.database.unit_of_work(single_statement=True) as work:
-            if confined is not None:
-                work.may_touch(*views_changed(confined))
-            owner = await TaskRepository(work).delete(task_id, owner=confined)
-            if owner is not None:
-                work.touches(*views_changed(owner))
-        if owner is None:
+            task = await TaskRepository(work).delete(task_id)
+            if task is not None:
+                work.touches(*views_changed(task["audience"]))
+        if task is None:
             raise TaskNotFoundError()
+
+
+async def _editable_project(
+    work: UnitOfWork[Any], principal: Principal, project_id: uuid.UUID
+) -> Record:
+    """The project, kept from moving until the change commits, if the caller may add or
+    change tasks in it: 404 for a non-member, 403 for a viewer, 409 when it is archived."""
+    project = await MembershipRepository(work).access(project_id, principal.subject, lock=True)
+    if project is None or (project["role"] is None and not principal.is_admin):
+        raise ProjectNotFoundError()
+    if not _may_edit(principal, project["role"]):
+        raise ForbiddenError("Viewers of a project may not change its tasks")
+    if project["archived"]:
+        raise ProjectArchivedError()
+    return project
+
+
+async def _members(
+    work: UnitOfWork[Any], project_id: uuid.UUID, users: Sequence[str], *, lenient: bool = False
+) -> list[Record]:
+    """`users`' member rows (with their directory entries), in the order given, kept members
+    until the change commits; 422 naming those who are not members, unless `lenient` (then
+    they are left out)."""
+    if not users:
+        return []
+    rows = await UserRepository(work).members(project_id, only=users, lock=True)
+    found = {row["user_id"]: row for row in rows}
+    missing = [((*_AT, n), user) for n, user in enumerate(users) if user not in found]
+    if missing and not lenient:
+        raise not_members(*missing)
+    return [found[user] for user in users if user in found]
+
+
+def _new_task(principal: Principal, task_id: uuid.UUID, data: TaskCreate) -> dict[str, Any]:
+    return {
+        "id": task_id,
+        "created_by": principal.subject,
+        "title": data.title,
+        "description": data.description,
+        "status": data.status.value,
+        "assignees": data.assignees,
+    }
+
+
+def _created(principal: Principal, task_id: uuid.UUID, owner: str, data: TaskCreate) -> NewEvent:
+    return NewEvent(
+        kind=TASK_CREATED,
+        aggregate_id=task_id,
+        owner=owner,
+        actor=principal.subject,
+        payload={
+            "title": data.title,
+            "description": data.description,
+            "status": data.status.value,
+            "email": principal.email,
+        },
+    )
+
+
+def _assigned(
+    principal: Principal,
+    task_id: uuid.UUID,
+    project: Mapping[str, Any],
+    title: str,
+    assignees: Sequence[Record],
+    before: Sequence[str],
+) -> list[NewEvent]:
+    """One event per user newly assigned by someone else: their e-mail."""
+    return [
+        NewEvent(
+            kind=TASK_ASSIGNED,
+            aggregate_id=task_id,
+            owner=project["owner"],
+            actor=principal.subject,
+            payload={
+                "title": title,
+                "project": project["name"],
+                "assigned_by": principal.name or principal.username or principal.subject,
+                "assignee": row["user_id"],
+                "email": row["email"],
+            },
+        )
+        for row in assignees
+        if row["user_id"] not in before and row["user_id"] != principal.subject
+    ]
 
 
 # Both async: FastAPI runs a plain `def` dependency in a worker thread, a hop per request.
 async def get_task_reader(request: Request) -> TaskReader:
+    await remember_caller(request)
     return TaskReader(request_database(request), request_cache(request))
 
 
 async def get_task_service(request: Request) -> TaskService:
+    await remember_caller(request)
     return TaskService(request_database(request))
 
 

@@ -150,7 +150,13 @@ async def test_a_connection_comes_back_with_no_transaction_left_open(server: Dat
     async def cancelled_inside_a_transaction() -> None:
         async with server_connection(server, begin=True) as connection:
             await connection.fetch(
-                insert(TASKS).values(id=uuid.uuid4(), owner=owner, title="rolled back")
+                insert(TASKS).values(
+                    id=uuid.uuid4(),
+                    owner=owner,
+                    project_id=uuid.uuid4(),
+                    created_by=owner,
+                    title="rolled back",
+                )
             )
             started.set()
             await asyncio.sleep(10)

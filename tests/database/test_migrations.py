@@ -10,6 +10,7 @@ import asyncpg
 from alembic import command
 
 from taskapp.database.migrations import alembic_config, upgrade_database
+from taskapp.membership.models import inbox_id
 from testing.services import scratch_database
 from tests.conftest import app_state
 
@@ -129,3 +130,52 @@ def test_notifications_become_events_and_deliveries_and_come_back(postgres_admin
         command.downgrade(alembic_config(url), "0002")
         assert asyncio.run(_rows(url, "SELECT * FROM notifications ORDER BY id")) == before
         assert "events" not in asyncio.run(_tables(url))
+
+
+def test_every_task_lands_in_its_owners_inbox_and_comes_back(postgres_admin_url):
+    """0004 gives every owner an Inbox (their member row, their directory entry) and puts
+    each of their tasks in it, rows in place; the downgrade gives back the tasks as they
+    were."""
+    with scratch_database(postgres_admin_url, prefix="taskapp_migrations") as url:
+        command.upgrade(alembic_config(url), "0003")
+        owners = ["alice", "bob", "o'brien", "ünïcode"]
+        for number, owner in enumerate(owners * 3):
+            asyncio.run(
+                _execute(
+                    url,
+                    "INSERT INTO tasks (id, owner, title, status) VALUES ($1, $2, $3, 'pending')",
+                    uuid.uuid4(),
+                    owner,
+                    f"task {number}",
+                )
+            )
+        query = "SELECT owner, id, title, tableoid::regclass::text AS part FROM tasks ORDER BY id"
+        before = asyncio.run(_rows(url, query))
+
+        upgrade_database(url)
+        after = asyncio.run(
+            _rows(url, "SELECT *, tableoid::regclass::text AS part FROM tasks ORDER BY id")
+        )
+        assert [(r["owner"], r["id"], r["title"], r["part"]) for r in after] == [
+            tuple(r.values()) for r in before
+        ]
+        for row in after:
+            assert row["project_id"] == inbox_id(str(row["owner"]))
+            assert (row["created_by"], row["assignees"]) == (row["owner"], [])
+        projects = asyncio.run(_rows(url, "SELECT id, owner, name, personal FROM projects"))
+        assert sorted((p["owner"], p["name"], p["personal"]) for p in projects) == [
+            (owner, "Inbox", True) for owner in sorted(owners)
+        ]
+        members = asyncio.run(
+            _rows(url, "SELECT project_id, user_id, owner, role FROM project_members")
+        )
+        assert sorted(tuple(m.values()) for m in members) == sorted(
+            (inbox_id(owner), owner, owner, "admin") for owner in owners
+        )
+        users = asyncio.run(_rows(url, "SELECT sub FROM users ORDER BY sub"))
+        assert [u["sub"] for u in users] == sorted(owners)
+        command.check(alembic_config(url))
+
+        command.downgrade(alembic_config(url), "0003")
+        assert asyncio.run(_rows(url, query)) == before
+        assert not {"projects", "project_members", "users"} & set(asyncio.run(_tables(url)))

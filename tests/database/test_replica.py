@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from taskapp.app import create_app
 from taskapp.database.migrations import upgrade_database
+from taskapp.membership.models import inbox_id
 from taskapp.redis.cache import ResponseCache, _view_id
 from testing.oidc import OIDCProvider
 from testing.polling import eventually
@@ -83,10 +84,11 @@ async def _serving(app: FastAPI) -> None:
 async def _insert_behind_the_api(pair: StreamingPair, owner: str, title: str) -> str:
     task_id = str(uuid.uuid4())
     await pair.primary.execute(
-        "INSERT INTO tasks (id, owner, title, description, status) "
-        "VALUES ($1::uuid, $2, $3, '', 'pending')",
+        "INSERT INTO tasks (id, owner, project_id, created_by, title, description, status) "
+        "VALUES ($1::uuid, $2, $3, $2, $4, '', 'pending')",
         task_id,
         owner,
+        inbox_id(owner),
         title,
     )
     return task_id

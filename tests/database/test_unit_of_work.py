@@ -22,6 +22,7 @@ from taskapp.database.unit_of_work import Rider, UnitOfWork
 from taskapp.events.consumers.email import TASK_CREATED, EmailConsumer
 from taskapp.events.event import NewEvent
 from taskapp.events.outbox import Outbox
+from taskapp.membership.models import inbox_id
 from taskapp.tasks.models import Task
 from tests.conftest import SettingsFactory
 
@@ -119,7 +120,8 @@ def _work(
 
 
 def _task(owner: str, title: str) -> tuple[Any, dict[str, Any]]:
-    return insert(TASKS).values(id=uuid.uuid4(), owner=owner, title=title), {}
+    values = {"project_id": inbox_id(owner), "created_by": owner}
+    return insert(TASKS).values(id=uuid.uuid4(), owner=owner, title=title, **values), {}
 
 
 def _created(owner: str) -> NewEvent:

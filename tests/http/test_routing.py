@@ -22,6 +22,7 @@ from starlette.middleware import Middleware
 from taskapp.app import create_app
 from taskapp.auth.dependencies import bearer_scheme
 from taskapp.http.routing import LeanRoute, LeanRoutes, lean_route, routes_of
+from taskapp.membership.models import inbox_id
 from testing.oidc import OIDCProvider
 from tests.conftest import SettingsFactory, running
 
@@ -360,7 +361,15 @@ async def test_the_answers_compared_are_of_every_kind(
     }
     assert wrote["create"][:2] == (
         201,
-        {"owner": carol, "title": "t", "description": None, "status": "completed"},
+        {
+            "owner": carol,
+            "project_id": str(inbox_id(carol)),
+            "created_by": carol,
+            "assignees": [],
+            "title": "t",
+            "description": None,
+            "status": "completed",
+        },
     )
     assert wrote["not JSON"][1]["detail"][0]["type"] == "json_invalid"  # before the token
     assert wrote["no content type"][1]["detail"][0]["loc"] == ["body"]

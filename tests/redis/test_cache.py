@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from sqlalchemy import insert, text
 
 from taskapp.app import create_app
+from taskapp.membership.models import inbox_id
 from taskapp.redis.cache import STORE_DELAY
 from taskapp.tasks.models import Task
 from testing.oidc import OIDCProvider
@@ -106,7 +107,11 @@ async def test_entries_expire_after_the_ttl(make_settings: SettingsFactory, oidc
         async with app_state(app).engine.begin() as connection:
             await connection.execute(
                 insert(Task).values(
-                    owner=alice_subject(alice, oidc), id=uuid.uuid4(), title="direct"
+                    owner=(subject := alice_subject(alice, oidc)),
+                    id=uuid.uuid4(),
+                    project_id=inbox_id(subject),
+                    created_by=subject,
+                    title="direct",
                 )
             )
         assert (await client.get("/tasks", headers=alice)).json()["total"] == 0

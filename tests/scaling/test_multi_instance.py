@@ -343,3 +343,64 @@ async def test_requests_without_a_valid_token_are_limited_per_ip_but_probes_neve
         for path in ("/healthz", "/readyz"):
             response = await http.get(f"{limited_cluster.both[i % 2].base_url}{path}")
             assert response.status_code == 200, (i, path, response.text)
+
+
+# --- shared projects ---------------------------------------------------------------------------
+
+
+async def test_a_shared_project_is_coherent_across_instances(
+    http: httpx.AsyncClient, cache_cluster: Cluster, oidc: OIDCProvider
+) -> None:
+    """A change in a shared project is seen at once by every member through the other
+    instance; a removed member is refused at once, on both, whatever they had cached."""
+    owner, member = _subject("owner"), _subject("member")
+    auth = {owner: oidc.auth(owner), member: oidc.auth(member)}
+    a, b = cache_cluster.both
+    for instance in (a, b):
+        for headers in auth.values():
+            me = await http.get(f"{instance.base_url}/users/me", headers=headers)
+            assert me.status_code == 200, me.text
+    made = await http.post(f"{a.base_url}/projects", json={"name": "Shared"}, headers=auth[owner])
+    team = made.json()["id"]
+    shared = await http.put(
+        f"{b.base_url}/projects/{team}/members/{member}",
+        json={"role": "editor"},
+        headers=auth[owner],
+    )
+    assert shared.status_code == 200, shared.text
+    reader = Reader(http, auth[member])
+    # Warm the member's views on both instances (several times: either worker).
+    for _ in range(4):
+        for instance in (a, b):
+            assert (await reader.page(instance, project=team))["total"] == 0
+
+    task = await http.post(
+        f"{a.base_url}/tasks", json={"title": "one", "project_id": team}, headers=auth[owner]
+    )
+    assert task.status_code == 201, task.text
+    task_id = task.json()["id"]
+    for _ in range(4):
+        for instance in (a, b):
+            assert _ids(await reader.page(instance, project=team)) == [task_id]
+            assert (await reader.task(instance, task_id)).json()["title"] == "one"
+
+    renamed = await http.patch(
+        f"{b.base_url}/tasks/{task_id}", json={"title": "two"}, headers=auth[member]
+    )
+    assert renamed.status_code == 200, renamed.text
+    owner_reader = Reader(http, auth[owner])
+    for _ in range(4):
+        for instance in (a, b):
+            assert (await owner_reader.task(instance, task_id)).json()["title"] == "two"
+            assert (await reader.page(instance))["items"][0]["title"] == "two"
+
+    removed = await http.delete(
+        f"{a.base_url}/projects/{team}/members/{member}", headers=auth[owner]
+    )
+    assert removed.status_code == 204
+    for _ in range(4):
+        for instance in (a, b):
+            assert (await reader.task(instance, task_id)).status_code == 404
+            assert (await reader.page(instance))["total"] == 0
+            gone = await http.get(f"{instance.base_url}/tasks?project={team}", headers=auth[member])
+            assert gone.json()["code"] == "project_not_found"

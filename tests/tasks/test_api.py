@@ -11,6 +11,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import insert
 
+from taskapp.membership.models import inbox_id
 from taskapp.tasks.models import Task
 from testing.oidc import OIDCProvider
 from tests.conftest import app_state
@@ -156,6 +157,8 @@ async def test_equal_created_at_is_ordered_by_id_desc_across_pages(
                 {
                     "owner": "alice",
                     "id": task_id,
+                    "project_id": inbox_id("alice"),
+                    "created_by": "alice",
                     "title": "tie",
                     "status": "pending",
                     "created_at": moment,

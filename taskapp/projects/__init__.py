@@ -1,0 +1,1 @@
+"""The projects API: create, share and transfer projects."""
