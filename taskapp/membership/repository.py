@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from functools import cache, lru_cache
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from sqlalchemy import (
     ColumnElement,
@@ -29,6 +29,8 @@ from taskapp.database.unit_of_work import Executor
 from taskapp.membership.models import INBOX_NAME, Member, Project, ProjectRole, inbox_id
 
 PROJECTS = cast(Table, Project.__table__)
+# How a change holds the project it reads (see `MembershipRepository.access`).
+Lock = Literal["share", "update"]
 MEMBERS = cast(Table, Member.__table__)
 
 
@@ -94,7 +96,7 @@ def _inbox_statement() -> Any:
 
 
 @cache
-def _access_statement(*, lock: bool) -> Select[Any]:
+def _access_statement(*, lock: Lock | None) -> Select[Any]:
     """A project's settings, the caller's role in it (NULL: not a member), and its members."""
     role = (
         select(MEMBERS.c.role)
@@ -105,7 +107,9 @@ def _access_statement(*, lock: bool) -> Select[Any]:
     statement = select(PROJECTS, role, audience(PROJECTS.c.id)).where(
         PROJECTS.c.id == bindparam("project_id")
     )
-    return statement.with_for_update(key_share=True, read=True) if lock else statement
+    if lock is None:
+        return statement
+    return statement.with_for_update(read=lock == "share")
 
 
 @cache
@@ -151,10 +155,12 @@ class MembershipRepository:
         await self.connection.fetch(_inbox_statement(), inbox_parameters(subject))
 
     async def access(
-        self, project_id: uuid.UUID, caller: str, *, lock: bool = False
+        self, project_id: uuid.UUID, caller: str, *, lock: Lock | None = None
     ) -> Record | None:
-        """The project (with `role`: the caller's, or None, and `audience`: its members);
-        `lock`: kept from being deleted or transferred until the change commits."""
+        """The project (with `role`: the caller's, or None, and `audience`: its members).
+        `lock`: "share" keeps it from changing owner or going until the change commits
+        (others may share it: a change to its tasks); "update" keeps it for this change
+        alone (a change to the project: its settings, owner, existence)."""
         rows = await self.connection.fetch(
             _access_statement(lock=lock), {"project_id": project_id, "caller": caller}
         )

@@ -23,7 +23,7 @@ from taskapp.membership.errors import (
     not_members,
 )
 from taskapp.membership.models import ProjectRole
-from taskapp.membership.repository import MembershipRepository
+from taskapp.membership.repository import Lock, MembershipRepository
 from taskapp.projects.schemas import (
     MemberRead,
     ProjectCreate,
@@ -86,6 +86,8 @@ class ProjectService:
                     "description": data.description,
                 }
             )
+            # The caller's view: what they may read has grown.
+            work.touches(*views_changed((principal.subject,)))
         return _project(row, ProjectRole.ADMIN.value)
 
     async def page(
@@ -118,7 +120,9 @@ class ProjectService:
     ) -> ProjectRead:
         changes = data.changes()
         async with self.database.unit_of_work() as work:
-            memberships, project = await _locked(work, principal, project_id, ProjectRole.ADMIN)
+            memberships, project = await _locked(
+                work, principal, project_id, ProjectRole.ADMIN, "update"
+            )
             if project["personal"] and changes.get("archived"):
                 raise PersonalProjectError()
             row = await memberships.update_project(project_id, changes)
@@ -126,7 +130,9 @@ class ProjectService:
 
     async def delete(self, principal: Principal, project_id: uuid.UUID) -> None:
         async with self.database.unit_of_work() as work:
-            memberships, project = await _locked(work, principal, project_id, ProjectRole.VIEWER)
+            memberships, project = await _locked(
+                work, principal, project_id, ProjectRole.VIEWER, "update"
+            )
             if not principal.is_admin and project["owner"] != principal.subject:
                 raise ForbiddenError("Only the project's owner (or an admin) may delete it")
             if project["personal"]:
@@ -174,7 +180,9 @@ class ProjectService:
 
     async def transfer(self, principal: Principal, project_id: uuid.UUID, user: str) -> ProjectRead:
         async with self.database.unit_of_work() as work:
-            memberships, project = await _locked(work, principal, project_id, ProjectRole.VIEWER)
+            memberships, project = await _locked(
+                work, principal, project_id, ProjectRole.VIEWER, "update"
+            )
             if project["owner"] != principal.subject:
                 raise ForbiddenError("Only the project's owner may transfer it")
             if project["personal"]:
@@ -189,12 +197,16 @@ class ProjectService:
 
 
 async def _locked(
-    work: UnitOfWork[Any], principal: Principal, project_id: uuid.UUID, needed: ProjectRole
+    work: UnitOfWork[Any],
+    principal: Principal,
+    project_id: uuid.UUID,
+    needed: ProjectRole,
+    lock: Lock = "share",
 ) -> tuple[MembershipRepository, Record]:
-    """The project, kept from changing hands until `work` commits, if the caller holds
-    `needed` in it (see `_allowed`)."""
+    """The project, held as `lock` says until `work` commits, if the caller holds `needed`
+    in it (see `_allowed`)."""
     memberships = MembershipRepository(work)
-    project = await memberships.access(project_id, principal.subject, lock=True)
+    project = await memberships.access(project_id, principal.subject, lock=lock)
     return memberships, _allowed(principal, project, needed)
 
 

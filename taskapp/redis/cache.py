@@ -28,6 +28,7 @@ import logging
 import math
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -51,8 +52,11 @@ UNKNOWN = math.inf
 STORE_DELAY = 0.005
 STORES_PER_LOOKUP = 16
 
-# Loads a missed entry, given the time of the last write to its view (see the module).
-Loader = Callable[[float], Awaitable[bytes]]
+# Loads a missed entry, given the time of the last write to its view (see the module) and
+# the view's version as the lookup read it (None when the cache could not be asked).
+Loader = Callable[[float, str | None], Awaitable[bytes]]
+# Values derived from a view kept in each process, at most (see `ResponseCache.local`).
+LOCAL_ENTRIES = 65_536
 
 
 class LookupRider(Protocol):
@@ -111,6 +115,7 @@ class ResponseCache:
         self._lost_invalidation = False
         self._repair: asyncio.Task[None] | None = None
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        self._local: OrderedDict[tuple[str, str], tuple[str, Any]] = OrderedDict()
         # Loaded entries not yet in Redis: (entry key, value, lock token).
         self._stores: list[tuple[str, bytes, str]] = []
         self._store_timer: asyncio.TimerHandle | None = None
@@ -133,10 +138,10 @@ class ResponseCache:
         when it refuses the request, nothing is loaded.
         """
         if not self._settings.enabled:
-            return await load(await self._last_write(view))
+            return await load(await self._last_write(view), None)
         if not self._available():
             _LOOKUPS("bypass").inc()
-            return await load(UNKNOWN)
+            return await load(UNKNOWN, None)
         if rider is not None and rider.settled:
             rider = None
         view_id = _view_id(view)
@@ -165,7 +170,7 @@ class ResponseCache:
             if rider is not None:
                 rider.failed(exc.__cause__)
             _LOOKUPS("bypass").inc()
-            return await load(UNKNOWN)  # a rider failing closed refuses before the database
+            return await load(UNKNOWN, None)  # a rider failing closed refuses first
         if rider is not None:
             rider.admit(found[3])
         if found[1] is not None:
@@ -174,7 +179,31 @@ class ResponseCache:
         _LOOKUPS("miss").inc()
         fill = _Fill(found[0].decode(), token, locked=found[2] == b"locked")
         written_at = int(found[4])
-        return await self._single_flight(fill, lambda: load(written_at))
+        # The entry's key is <prefix><view id>:<epoch>:<generation>:<key>.
+        version = fill.entry_key[len(self._prefix) + len(view_id) + 1 : -len(key) - 1]
+        return await self._single_flight(fill, lambda: load(written_at, version))
+
+    def local(self, view: str, version: str | None, name: str) -> Any:
+        """What this process kept as `name` of `view` at `version` (`keep_local`); None when
+        it kept nothing, or kept it at another version (the view has changed since)."""
+        if version is None:
+            return None
+        kept = self._local.get((view, name))
+        if kept is None or kept[0] != version:
+            return None
+        self._local.move_to_end((view, name))
+        return kept[1]
+
+    def keep_local(self, view: str, version: str | None, name: str, value: Any) -> None:
+        """Keep `value`, derived from `view` at `version` (a loader's), in this process: for
+        what a load of that view needs again until the view changes, without a round trip.
+        Every change to the view (or the epoch) makes it a new version."""
+        if version is None:
+            return
+        self._local[(view, name)] = (version, value)
+        self._local.move_to_end((view, name))
+        if len(self._local) > LOCAL_ENTRIES:
+            self._local.popitem(last=False)
 
     async def invalidate(self, *views: str) -> None:
         """Make every entry of `views` unreachable; call after the change is committed."""
@@ -369,6 +398,14 @@ class RequestCache:
     async def get_or_load(self, view: str, key: str, load: Loader) -> bytes:
         """See `ResponseCache.get_or_load`."""
         return await self._cache.get_or_load(view, key, load, rider=self._rider)
+
+    def local(self, view: str, version: str | None, name: str) -> Any:
+        """See `ResponseCache.local`."""
+        return self._cache.local(view, version, name)
+
+    def keep_local(self, view: str, version: str | None, name: str, value: Any) -> None:
+        """See `ResponseCache.keep_local`."""
+        self._cache.keep_local(view, version, name, value)
 
 
 @dataclass(frozen=True, slots=True)

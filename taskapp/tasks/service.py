@@ -78,9 +78,9 @@ class TaskReader:
         if created_by == ME:
             created_by = principal.subject
 
-        async def load(written_at: float) -> bytes:
+        async def load(written_at: float, version: str | None) -> bytes:
             async def query(connection: Any) -> tuple[int, list[Record]]:
-                scope = await _scope(connection, principal)
+                scope = await self._scope(connection, principal, version)
                 if project is not None and scope is not None and project not in scope.projects:
                     raise ProjectNotFoundError()
                 where = TaskFilter(
@@ -114,15 +114,31 @@ class TaskReader:
         return await self.cache.get_or_load(view_of(principal), key, load)
 
     async def get(self, principal: Principal, task_id: uuid.UUID) -> bytes:
-        async def load(written_at: float) -> bytes:
-            task = await self.database.read(
-                written_at, lambda connection: _get(connection, principal, task_id)
-            )
+        async def load(written_at: float, version: str | None) -> bytes:
+            async def query(connection: Any) -> Record | None:
+                scope = await self._scope(connection, principal, version)
+                return await TaskRepository(connection).get(task_id, scope=scope)
+
+            task = await self.database.read(written_at, query)
             if task is None:
                 raise TaskNotFoundError()
             return _json(task)
 
         return await self.cache.get_or_load(view_of(principal), f"task:{task_id}", load)
+
+    async def _scope(
+        self, connection: Any, principal: Principal, version: str | None
+    ) -> Scope | None:
+        """What the caller may read; kept in this process for the version of their view the
+        lookup saw: every change of their memberships touches their view."""
+        if principal.is_admin:
+            return None
+        view = view_of(principal)
+        scope: Scope | None = self.cache.local(view, version, "scope")
+        if scope is None:
+            scope = await _scope(connection, principal)
+            self.cache.keep_local(view, version, "scope", scope)
+        return scope
 
 
 async def _scope(connection: Any, principal: Principal) -> Scope | None:
@@ -272,7 +288,7 @@ async def _editable_project(
 ) -> Record:
     """The project, kept from moving until the change commits, if the caller may add or
     change tasks in it: 404 for a non-member, 403 for a viewer, 409 when it is archived."""
-    project = await MembershipRepository(work).access(project_id, principal.subject, lock=True)
+    project = await MembershipRepository(work).access(project_id, principal.subject, lock="share")
     if project is None or (project["role"] is None and not principal.is_admin):
         raise ProjectNotFoundError()
     if not _may_edit(principal, project["role"]):

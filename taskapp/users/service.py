@@ -13,7 +13,11 @@ from taskapp.auth.middleware import authentication
 from taskapp.auth.principal import Principal
 from taskapp.database.connections import Database
 from taskapp.database.driver import Record
-from taskapp.database.outages import DatabaseBusyError, DatabaseUnavailableError
+from taskapp.database.outages import (
+    DatabaseBusyError,
+    DatabaseUnavailableError,
+    OutcomeUnknownError,
+)
 from taskapp.dependencies import request_database
 from taskapp.errors import invalid
 from taskapp.state import state_of
@@ -49,7 +53,7 @@ async def remember_caller(request: Request) -> None:
         # Outside the request's rate limit: a refresh is the service's own bookkeeping, and
         # counting it would make a request's answer depend on when its caller was last seen.
         await _remember(Database(state.database), principal)
-    except (DatabaseUnavailableError, DatabaseBusyError) as exc:
+    except (DatabaseUnavailableError, DatabaseBusyError, OutcomeUnknownError) as exc:
         logger.warning("users directory: %s not refreshed: %s", principal.subject, exc.detail)
         return
     if len(seen) >= _SEEN_LIMIT:

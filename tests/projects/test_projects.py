@@ -299,3 +299,35 @@ async def test_bad_input_is_a_422_and_changes_nothing(client, oidc):
     assert (await client.get("/projects/not-a-uuid", headers=alice)).status_code == 422
     assert (await client.get("/tasks?project=nope", headers=alice)).status_code == 422
     assert (await client.get("/projects", headers=alice)).json()["total"] == 2  # Inbox, team
+
+
+async def test_a_callers_memberships_are_read_once_per_version_of_their_view(client, app, oidc):
+    """A cache miss needs the caller's projects; a process reads them again only after a
+    change to the caller's view (any change of their memberships is one)."""
+    alice, bob = oidc.auth("alice"), oidc.auth("bob")
+    await seen_by_directory(client, alice, bob)
+    made = (await client.post("/tasks", json={"title": "t"}, headers=alice)).json()
+    statements: list[str] = []
+
+    def capture(statement: str, arguments: object, in_transaction: bool) -> None:
+        statements.append(statement)
+
+    def memberships_read() -> int:
+        return sum(s.startswith("SELECT project_members.project_id") for s in statements)
+
+    with app_state(app).database.observing(capture):
+        assert (await client.get("/tasks", headers=alice)).status_code == 200
+        assert (await client.get("/tasks?page_size=3", headers=alice)).status_code == 200
+        assert (await client.get(f"/tasks/{made['id']}", headers=alice)).status_code == 200
+        assert memberships_read() == 1
+        # A new project of hers is in her view at once, and so in what she may read.
+        team = await project(client, alice)
+        assert (await client.get(f"/tasks?project={team}", headers=alice)).status_code == 200
+        assert memberships_read() == 2
+        # Shared with bob, it is his to read at once; taken back, it is gone at once.
+        assert (await client.get("/tasks", headers=bob)).json()["total"] == 0
+        await share(client, alice, team, "bob", "viewer")
+        assert (await client.get(f"/tasks?project={team}", headers=bob)).status_code == 200
+        await client.delete(f"/projects/{team}/members/bob", headers=alice)
+        gone = await client.get(f"/tasks?project={team}", headers=bob)
+        assert gone.json()["code"] == "project_not_found"

@@ -288,12 +288,12 @@ async def test_waiters_load_themselves_when_the_loading_request_is_cancelled(
     cache = app_state(app).cache
     loads: list[str] = []
 
-    async def slow_load(_written_at: float) -> bytes:
+    async def slow_load(_written_at: float, _version: str | None) -> bytes:
         loads.append("leader")
         await asyncio.sleep(5)
         return b"never"
 
-    async def quick_load(_written_at: float) -> bytes:
+    async def quick_load(_written_at: float, _version: str | None) -> bytes:
         loads.append("waiter")
         return b"fresh"
 
