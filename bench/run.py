@@ -763,8 +763,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"\nQuery plans for owner {heavy} ({dataset.sizes[0]:,} tasks), deepest page:")
         for plan in plans:
-            print(f"  {plan.scenario:<18} {'one partition, index' if plan.ok else 'CHECK FAILED'}"
-                  f"  {plan.summary()}")  # fmt: skip
+            where = f"{len(plan.partitions)} partition(s), index" if plan.ok else "CHECK FAILED"
+            print(f"  {plan.scenario:<18} {where}  {plan.summary()}")
 
         service = start_service(stack, work, args, data)
         server, env = service.server, service.env

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 
@@ -68,22 +69,43 @@ def owner_sizes(rows: int, owners: int, rng: random.Random) -> list[int]:
     return sizes
 
 
-def _lines(dataset: Dataset, rng: random.Random, samples: int) -> Iterator[str]:
+def _lines(dataset: Dataset, rng: random.Random, samples: int, *, projects: bool) -> Iterator[str]:
+    """COPY lines of the tasks; `projects`: with their Inbox and creator (a schema of 0004 or
+    later; a baseline checkout's may be older)."""
     now = time.time()
     getrandbits = rng.getrandbits
     choice = rng.choice
     for owner, size in zip(dataset.owners, dataset.sizes, strict=True):
         kept = dataset.sample_ids.setdefault(owner, [])
-        inbox = inbox_id(owner)
+        tenancy = f"{inbox_id(owner)}\t{owner}\t" if projects else ""
         for n in range(size):
             task_id = f"{getrandbits(128):032x}"
             if n < samples:
                 kept.append(str(uuid.UUID(task_id)))
             created = datetime.fromtimestamp(now - getrandbits(25) % YEAR, UTC).isoformat()
             yield (
-                f"{owner}\t{task_id}\t{inbox}\t{owner}\tTask {n} of {owner[-6:]}\t"
+                f"{owner}\t{task_id}\t{tenancy}Task {n} of {owner[-6:]}\t"
                 f"{choice(DESCRIPTIONS)}\t{choice(STATUSES)}\t{created}\t{created}\n"
             )
+
+
+def _has_projects(connection: psycopg.Connection[Any]) -> bool:
+    """Whether the schema has projects (0004 or later)."""
+    found = connection.execute(
+        "SELECT 1 FROM information_schema.columns"
+        " WHERE table_name = 'tasks' AND column_name = 'project_id'"
+    ).fetchone()
+    return found is not None
+
+
+def _inboxes(cursor: psycopg.Cursor[Any], owners: list[str]) -> None:
+    """Every owner's Inbox, their membership and directory entry, as the API makes them."""
+    with cursor.copy("COPY users (sub) FROM STDIN") as copy:
+        copy.write("".join(f"{owner}\n" for owner in owners))
+    with cursor.copy("COPY projects (id, owner, name, personal) FROM STDIN") as copy:
+        copy.write("".join(f"{inbox_id(o)}\t{o}\t{INBOX_NAME}\tt\n" for o in owners))
+    with cursor.copy("COPY project_members (project_id, user_id, owner, role) FROM STDIN") as copy:
+        copy.write("".join(f"{inbox_id(o)}\t{o}\t{o}\tadmin\n" for o in owners))
 
 
 def seed(dsn: str, *, rows: int, owners: int, samples: int = 20, seed: int = 1) -> Dataset:
@@ -104,24 +126,14 @@ def seed(dsn: str, *, rows: int, owners: int, samples: int = 20, seed: int = 1) 
         for name, _ in indexes:
             connection.execute(f'DROP INDEX "{name}"')
         with connection.cursor() as cursor:
-            # Every owner's Inbox, their membership and directory entry, as the API makes them.
-            with cursor.copy("COPY users (sub) FROM STDIN") as copy:
-                copy.write("".join(f"{owner}\n" for owner in dataset.owners))
-            with cursor.copy("COPY projects (id, owner, name, personal) FROM STDIN") as copy:
-                copy.write(
-                    "".join(f"{inbox_id(o)}\t{o}\t{INBOX_NAME}\tt\n" for o in dataset.owners)
-                )
-            with cursor.copy(
-                "COPY project_members (project_id, user_id, owner, role) FROM STDIN"
-            ) as copy:
-                copy.write("".join(f"{inbox_id(o)}\t{o}\t{o}\tadmin\n" for o in dataset.owners))
-            columns = (
-                "owner, id, project_id, created_by, title, description, status, created_at, "
-                "updated_at"
-            )
+            projects = _has_projects(connection)
+            if projects:
+                _inboxes(cursor, dataset.owners)
+            tenancy = "project_id, created_by, " if projects else ""
+            columns = f"owner, id, {tenancy}title, description, status, created_at, updated_at"
             with cursor.copy(f"COPY tasks ({columns}) FROM STDIN") as copy:
                 chunk: list[str] = []
-                for line in _lines(dataset, rng, samples):
+                for line in _lines(dataset, rng, samples, projects=projects):
                     chunk.append(line)
                     if len(chunk) == COPY_CHUNK:
                         copy.write("".join(chunk))
@@ -131,7 +143,11 @@ def seed(dsn: str, *, rows: int, owners: int, samples: int = 20, seed: int = 1) 
         for _, definition in indexes:
             # The parent's definition reads "ON ONLY tasks" (no partitions): build them all.
             connection.execute(definition.replace(" ON ONLY ", " ON ", 1))
-        connection.execute("VACUUM (ANALYZE) tasks, users, projects, project_members")
+        connection.execute(
+            "VACUUM (ANALYZE) tasks, users, projects, project_members"
+            if projects
+            else "VACUUM (ANALYZE) tasks"
+        )
         # Flush the load's dirty pages now, not in a checkpoint during the measurement (a role
         # that may not, neither superuser nor pg_checkpoint, leaves it to the server).
         with contextlib.suppress(psycopg.errors.InsufficientPrivilege):

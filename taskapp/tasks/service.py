@@ -3,10 +3,10 @@ events it records."""
 
 from __future__ import annotations
 
-import json
 import math
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -57,9 +57,18 @@ class TaskReader:
     it is the read replica's when that has replayed the last write to the caller's view.
     """
 
-    def __init__(self, database: Database, cache: RequestCache) -> None:
+    def __init__(
+        self,
+        database: Database,
+        cache: RequestCache,
+        remember: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """`remember`: puts the caller in the users directory, before a load (a read the
+        cache answers needs no database, and its caller was remembered when it was
+        loaded)."""
         self.database = database
         self.cache = cache
+        self.remember = remember
 
     async def list(
         self,
@@ -79,6 +88,9 @@ class TaskReader:
             created_by = principal.subject
 
         async def load(written_at: float, version: str | None) -> bytes:
+            if self.remember is not None:
+                await self.remember()
+
             async def query(connection: Any) -> tuple[int, list[Record]]:
                 scope = await self._scope(connection, principal, version)
                 if project is not None and scope is not None and project not in scope.projects:
@@ -108,13 +120,18 @@ class TaskReader:
             return result.model_dump_json().encode()
 
         # Every filter is part of the key, never of the view: an admin's filtered page lives
-        # in the admin view, which every write makes stale.
-        filters = [owner, status, project and str(project), assignee, created_by]
-        key = f"list:{page}:{page_size}:{json.dumps(filters, separators=(',', ':'))}"
+        # in the admin view, which every write makes stale. The texts a caller chooses are
+        # length-prefixed, so no two sets of filters make one key.
+        key = f"list:{page}:{page_size}:{status or ''}:{project or ''}"
+        for text in (owner, assignee, created_by):
+            key += f":{len(text)}:{text}" if text is not None else ":"
         return await self.cache.get_or_load(view_of(principal), key, load)
 
     async def get(self, principal: Principal, task_id: uuid.UUID) -> bytes:
         async def load(written_at: float, version: str | None) -> bytes:
+            if self.remember is not None:
+                await self.remember()
+
             async def query(connection: Any) -> Record | None:
                 scope = await self._scope(connection, principal, version)
                 return await TaskRepository(connection).get(task_id, scope=scope)
@@ -370,8 +387,9 @@ def _assigned(
 
 # Both async: FastAPI runs a plain `def` dependency in a worker thread, a hop per request.
 async def get_task_reader(request: Request) -> TaskReader:
-    await remember_caller(request)
-    return TaskReader(request_database(request), request_cache(request))
+    return TaskReader(
+        request_database(request), request_cache(request), partial(remember_caller, request)
+    )
 
 
 async def get_task_service(request: Request) -> TaskService:

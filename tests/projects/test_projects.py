@@ -3,6 +3,7 @@ through the API against real PostgreSQL and Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 from fastapi import FastAPI
@@ -331,3 +332,35 @@ async def test_a_callers_memberships_are_read_once_per_version_of_their_view(cli
         await client.delete(f"/projects/{team}/members/bob", headers=alice)
         gone = await client.get(f"/tasks?project={team}", headers=bob)
         assert gone.json()["code"] == "project_not_found"
+
+
+async def test_a_transfer_waits_for_a_task_being_created_in_the_project(client, app, oidc):
+    """A task created while its project is transferred lands with the project's new owner:
+    a creator holds the project as it reads its owner, and the transfer waits for it."""
+    alice, bob = oidc.auth("alice"), oidc.auth("bob")
+    await seen_by_directory(client, alice, bob)
+    team = await project(client, alice)
+    await share(client, alice, team, "bob", "editor")
+    racing = uuid.uuid4()
+    async with app_state(app).engine.connect() as connection:
+        # What TaskService.create does in its transaction, stopped before its commit.
+        creating = await connection.begin()
+        owner = await connection.scalar(
+            text("SELECT owner FROM projects WHERE id = :id FOR SHARE"), {"id": team}
+        )
+        await connection.execute(
+            text(
+                "INSERT INTO tasks (owner, id, project_id, created_by, title)"
+                " VALUES (:owner, :id, :project, 'bob', 'racing')"
+            ),
+            {"owner": owner, "id": racing, "project": team},
+        )
+        transfer = asyncio.create_task(
+            client.post(f"/projects/{team}/transfer", json={"owner": "bob"}, headers=alice)
+        )
+        await asyncio.sleep(0.5)
+        assert not transfer.done()  # waiting for the creator
+        await creating.commit()
+    done = await asyncio.wait_for(transfer, 10)
+    assert done.status_code == 200, done.text
+    assert (await _stored(app, str(racing)))["owner"] == "bob"
