@@ -34,16 +34,6 @@ Lock = Literal["share", "update"]
 MEMBERS = cast(Table, Member.__table__)
 
 
-def tenants_of(viewer: str, *, editing: bool = False) -> Select[Any]:
-    """The owners (partition keys) of the projects `viewer` (a bound parameter's name) is a
-    member of: `owner IN (tenants_of(...))` is joined as a nested loop over them, and
-    PostgreSQL reads only their partitions as it runs."""
-    query = select(MEMBERS.c.owner).where(MEMBERS.c.user_id == bindparam(viewer))
-    if editing:
-        query = query.where(MEMBERS.c.role != ProjectRole.VIEWER.value)
-    return query
-
-
 def projects_of(viewer: str, *, editing: bool = False) -> Select[Any]:
     """The ids of the projects `viewer` is a member of (of those they may edit)."""
     query = select(MEMBERS.c.project_id).where(MEMBERS.c.user_id == bindparam(viewer))
