@@ -73,6 +73,8 @@ class Scenario:
 
 # A thread's users miss a given worker in all passes with probability 2^-passes (2 workers).
 TOKEN_PASSES = 5
+# A pass presents each thread's users in turn; at this rate or more, all of them.
+TOKENS_PER_SECOND = 500
 
 # The independent ceiling's runs: the first and the last of every benchmark.
 CEILING = Scenario(0, "ceiling", "hot", "ceiling: verify the token, answer page 1")
@@ -736,7 +738,9 @@ def present_tokens(args: argparse.Namespace, service: Service) -> None:
     connections, which the kernel spreads over the workers at random, so a few passes reach
     every worker with every thread's users."""
     for _ in range(TOKEN_PASSES):
-        seconds = max(1, math.ceil(service.minted / 2000))
+        # Long enough for every token at a first request's cost: a user's first request on
+        # a worker also verifies, reads their projects and writes their directory entry.
+        seconds = max(1, math.ceil(service.minted / TOKENS_PER_SECOND))
         run_wrk(args, service.server.base, "tokens", service.users, seconds)
 
 

@@ -50,6 +50,8 @@ _VIEWER = "viewer"
 # A caller's tasks are read from the partitions of at most this many tenants by name (the
 # rest are pruned as the statement starts); with more, from every partition.
 PRUNED_TENANTS = 8
+# (tenant parameters, one project): see `Scope.shape`.
+ScopeShape: TypeAlias = tuple[int, bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +72,15 @@ class Scope:
         count = len(self.owners)
         return 0 if count > PRUNED_TENANTS else 1 << (count - 1).bit_length()
 
+    def shape(self) -> ScopeShape:
+        """What a statement over this scope depends on: its tenant parameters, and whether
+        it is one project (most users': their Inbox), whose tasks one index scan reads in
+        order, with no sort."""
+        return self.tenants(), len(self.projects) == 1
+
     def parameters(self) -> dict[str, Any]:
+        if len(self.projects) == 1:
+            return {"tenant_0": self.owners[0], "scope_project": self.projects[0]}
         slots = self.tenants()
         # The spare slots repeat the last owner.
         owners = [*self.owners, *[self.owners[-1]] * (slots - len(self.owners))]
@@ -79,18 +89,23 @@ class Scope:
         return values
 
 
-def _in_scope(tenants: int) -> list[ColumnElement[bool]]:
+def _in_scope(shape: ScopeShape) -> list[ColumnElement[bool]]:
     """Tasks of the scope's projects, with their owners named one by one (`IN ($1, $2)`):
     PostgreSQL prunes the other partitions when it starts the plan, generic plans too (it
     cannot for `owner = ANY($1)` with an array parameter)."""
-    projects = bindparam("scope_projects", type_=ARRAY(Uuid))
-    return [_TASKS.c.project_id == func.any(projects), *_named_tenants(tenants)]
+    if shape[1]:
+        project: ColumnElement[bool] = _TASKS.c.project_id == bindparam("scope_project")
+    else:
+        project = _TASKS.c.project_id == func.any(bindparam("scope_projects", type_=ARRAY(Uuid)))
+    return [project, *_named_tenants(shape)]
 
 
-def _named_tenants(tenants: int | None) -> list[ColumnElement[bool]]:
-    if not tenants:
+def _named_tenants(shape: ScopeShape | None) -> list[ColumnElement[bool]]:
+    if shape is None or not shape[0]:
         return []
-    owners = [bindparam(f"tenant_{n}", type_=String(255)) for n in range(tenants)]
+    if shape[1]:
+        return [_TASKS.c.owner == bindparam("tenant_0", type_=String(255))]
+    owners = [bindparam(f"tenant_{n}", type_=String(255)) for n in range(shape[0])]
     return [_TASKS.c.owner.in_(owners)]
 
 
@@ -118,13 +133,13 @@ class TaskFilter:
             found.update(self.scope.parameters())
         return found
 
-    def shape(self) -> tuple[int | None, bool, bool, bool, str | None, bool]:
+    def shape(self) -> tuple[ScopeShape | None, bool, bool, bool, str | None, bool]:
         """What the statement depends on: its conditions, not their values."""
         assignee = None
         if self.assignee is not None:
             assignee = "none" if self.assignee == NO_ASSIGNEE else "user"
         return (
-            None if self.scope is None else self.scope.tenants(),
+            None if self.scope is None else self.scope.shape(),
             self.owner is not None,
             self.status is not None,
             self.project is not None,
@@ -145,7 +160,7 @@ def _member_of(*, editing: bool) -> list[ColumnElement[bool]]:
 
 
 def _read_conditions(
-    scope: int | None,
+    scope: ScopeShape | None,
     owner: bool,
     status: bool,
     project: bool,
@@ -177,7 +192,7 @@ def _identity(task_id: uuid.UUID, viewer: str | None) -> dict[str, Any]:
     return parameters
 
 
-def _outer_conditions(scope: int | None, *, owner: bool) -> list[ColumnElement[bool]]:
+def _outer_conditions(scope: ScopeShape | None, *, owner: bool) -> list[ColumnElement[bool]]:
     """The tenant conditions alone: what prunes the scan that reads a page's rows."""
     conditions = _named_tenants(scope)
     if owner:
@@ -191,8 +206,8 @@ def _by_id() -> ColumnElement[bool]:
 
 
 @cache
-def _get_statement(tenants: int | None) -> Select[Any]:
-    conditions = [] if tenants is None else _in_scope(tenants)
+def _get_statement(scope: ScopeShape | None) -> Select[Any]:
+    conditions = [] if scope is None else _in_scope(scope)
     return select(_TASKS).where(_by_id(), *conditions)
 
 
@@ -216,7 +231,7 @@ def _locking_get_statement(*, viewer: bool) -> Select[Any]:
 
 @cache
 def _list_statement(
-    scope: int | None,
+    scope: ScopeShape | None,
     owner: bool,
     status: bool,
     project: bool,
@@ -356,7 +371,7 @@ class TaskRepository:
             if not scope.projects:
                 return None
             parameters.update(scope.parameters())
-        statement = _get_statement(None if scope is None else scope.tenants())
+        statement = _get_statement(None if scope is None else scope.shape())
         return _one_or_none(await self.connection.fetch(statement, parameters))
 
     async def get_for_update(
