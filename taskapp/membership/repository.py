@@ -80,12 +80,6 @@ def inbox_parameters(subject: str) -> dict[str, Any]:
 
 
 @cache
-def _inbox_statement() -> Any:
-    project, member = inbox_inserts()
-    return select(literal(1)).add_cte(project).add_cte(member)
-
-
-@cache
 def _access_statement(*, lock: Lock | None) -> Select[Any]:
     """A project's settings, the caller's role in it (NULL: not a member), and its members."""
     role = (
@@ -140,9 +134,6 @@ class MembershipRepository:
     async def memberships(self, user: str) -> list[Record]:
         """`project_id`, `owner` and `role` of every project `user` is a member of."""
         return await self.connection.fetch(_memberships_statement(), {"user": user})
-
-    async def ensure_inbox(self, subject: str) -> None:
-        await self.connection.fetch(_inbox_statement(), inbox_parameters(subject))
 
     async def access(
         self, project_id: uuid.UUID, caller: str, *, lock: Lock | None = None
