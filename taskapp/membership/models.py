@@ -50,8 +50,6 @@ class ProjectRole(StrEnum):
 
 
 _RANKS = {ProjectRole.VIEWER: 0, ProjectRole.EDITOR: 1, ProjectRole.ADMIN: 2}
-# The roles that may change a project's tasks.
-EDITING_ROLES = (ProjectRole.EDITOR.value, ProjectRole.ADMIN.value)
 
 
 class Project(Base):

@@ -15,10 +15,10 @@ from taskapp.database.driver import Record
 from taskapp.database.unit_of_work import UnitOfWork
 from taskapp.dependencies import request_database
 from taskapp.errors import ForbiddenError
+from taskapp.membership.access import allowed
 from taskapp.membership.errors import (
     MemberNotFoundError,
     PersonalProjectError,
-    ProjectNotFoundError,
     ProjectOwnerError,
     not_members,
 )
@@ -53,16 +53,6 @@ def _member(row: Record, owner: str) -> MemberRead:
     )
 
 
-def _allowed(principal: Principal, project: Record | None, needed: ProjectRole) -> Record:
-    """`project` if the caller holds `needed` in it (global admins hold every role): 404 for
-    a non-member, 403 for a lower role."""
-    if project is None or (project["role"] is None and not principal.is_admin):
-        raise ProjectNotFoundError()
-    if not principal.is_admin and ProjectRole(project["role"]).rank < needed.rank:
-        raise ForbiddenError(f"Only a project {needed.value} (or higher) may do this")
-    return project
-
-
 class ProjectService:
     def __init__(self, database: Database) -> None:
         self.database = database
@@ -74,7 +64,7 @@ class ProjectService:
                 project_id, principal.subject
             ),
         )
-        return _allowed(principal, project, ProjectRole.VIEWER)
+        return allowed(principal, project, ProjectRole.VIEWER)
 
     async def create(self, principal: Principal, data: ProjectCreate) -> ProjectRead:
         async with self.database.unit_of_work() as work:
@@ -169,7 +159,7 @@ class ProjectService:
             memberships, project = await _locked(work, principal, project_id, ProjectRole.VIEWER)
             subject = await resolve_user(UserRepository(work), user, ("path", "user"))
             if subject != principal.subject:  # anyone may leave; others need a project admin
-                _allowed(principal, project, ProjectRole.ADMIN)
+                allowed(principal, project, ProjectRole.ADMIN)
             if subject == project["owner"]:
                 raise ProjectOwnerError()
             if not await memberships.remove_member(project_id, subject):
@@ -207,7 +197,7 @@ async def _locked(
     in it (see `_allowed`)."""
     memberships = MembershipRepository(work)
     project = await memberships.access(project_id, principal.subject, lock=lock)
-    return memberships, _allowed(principal, project, needed)
+    return memberships, allowed(principal, project, needed)
 
 
 async def _move(work: UnitOfWork[Any], project: Record, owner: str) -> None:

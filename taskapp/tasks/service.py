@@ -19,8 +19,9 @@ from taskapp.dependencies import request_cache, request_database
 from taskapp.errors import ForbiddenError
 from taskapp.events.consumers.email import TASK_ASSIGNED, TASK_CREATED
 from taskapp.events.event import NewEvent
+from taskapp.membership.access import allowed, holds
 from taskapp.membership.errors import ProjectArchivedError, ProjectNotFoundError, not_members
-from taskapp.membership.models import EDITING_ROLES, inbox_id
+from taskapp.membership.models import ProjectRole, inbox_id
 from taskapp.membership.repository import MembershipRepository, inbox_parameters
 from taskapp.redis.cache import RequestCache
 from taskapp.tasks.errors import TaskNotFoundError
@@ -44,10 +45,6 @@ def _viewer(principal: Principal) -> str | None:
 
 def _json(task: TaskRow) -> bytes:
     return TaskRead.model_validate(dict(task)).model_dump_json().encode()
-
-
-def _may_edit(principal: Principal, role: str | None) -> bool:
-    return principal.is_admin or role in EDITING_ROLES
 
 
 class TaskReader:
@@ -201,7 +198,7 @@ class TaskService:
             assignees = await _members(work, project_id, data.assignees)
             task_id = uuid.uuid4()
             work.emit(_created(principal, task_id, project["owner"], data))
-            for event in _assigned(principal, task_id, project, data.title, assignees, ()):
+            for event in _assigned(principal, task_id, project, data.title, assignees):
                 work.emit(event)
             task = await TaskRepository(work).add(
                 {
@@ -234,7 +231,7 @@ class TaskService:
     async def update(self, principal: Principal, task_id: uuid.UUID, data: TaskUpdate) -> bytes:
         changes = data.changes()
         if "project_id" in changes or "assignees" in changes:
-            return await self._reassign(principal, task_id, data)
+            return await self._reassign(principal, task_id, data, changes)
         viewer = _viewer(principal)
         async with self.database.unit_of_work(single_statement=True) as work:
             task = await TaskRepository(work).update(task_id, changes, viewer=viewer)
@@ -253,10 +250,11 @@ class TaskService:
             raise ForbiddenError("Viewers of a project may not change its tasks")
         raise TaskNotFoundError()
 
-    async def _reassign(self, principal: Principal, task_id: uuid.UUID, data: TaskUpdate) -> bytes:
+    async def _reassign(
+        self, principal: Principal, task_id: uuid.UUID, data: TaskUpdate, changes: dict[str, Any]
+    ) -> bytes:
         """A change of project or assignees: read and lock the task, check both projects and
         the assignees, then write it (moving its row when the tenant changes)."""
-        changes = data.changes()
         changes.pop("project_id", None)
         changes.pop("assignees", None)
         async with self.database.unit_of_work() as work:
@@ -266,7 +264,7 @@ class TaskService:
             )
             if task is None:
                 raise TaskNotFoundError()
-            if not _may_edit(principal, task["role"]):
+            if not holds(principal, task["role"], ProjectRole.EDITOR):
                 raise ForbiddenError("Viewers of a project may not change its tasks")
             audience = list(task["audience"])
             project_id, owner = task["project_id"], task["owner"]
@@ -281,12 +279,14 @@ class TaskService:
             wanted = current if data.assignees is None else data.assignees
             assignees = await _members(work, project_id, wanted, lenient=data.assignees is None)
             changes["assignees"] = [row["user_id"] for row in assignees]
-            if project is None:
+            newly = [row for row in assignees if row["user_id"] not in current]
+            if newly and project is None:  # the assignment mail names the project
                 project = await MembershipRepository(work).access(project_id, principal.subject)
                 assert project is not None  # locked with its task
-            title = str(changes.get("title", task["title"]))
-            for event in _assigned(principal, task_id, project, title, assignees, current):
-                work.emit(event)
+            if project is not None:
+                title = str(changes.get("title", task["title"]))
+                for event in _assigned(principal, task_id, project, title, newly):
+                    work.emit(event)
             updated = await tasks.update_row(task["owner"], task_id, changes)
             work.touches(*views_changed(audience))
         return _json(updated)
@@ -305,11 +305,8 @@ async def _editable_project(
 ) -> Record:
     """The project, kept from moving until the change commits, if the caller may add or
     change tasks in it: 404 for a non-member, 403 for a viewer, 409 when it is archived."""
-    project = await MembershipRepository(work).access(project_id, principal.subject, lock="share")
-    if project is None or (project["role"] is None and not principal.is_admin):
-        raise ProjectNotFoundError()
-    if not _may_edit(principal, project["role"]):
-        raise ForbiddenError("Viewers of a project may not change its tasks")
+    access = await MembershipRepository(work).access(project_id, principal.subject, lock="share")
+    project = allowed(principal, access, ProjectRole.EDITOR)
     if project["archived"]:
         raise ProjectArchivedError()
     return project
@@ -363,9 +360,9 @@ def _assigned(
     project: Mapping[str, Any],
     title: str,
     assignees: Sequence[Record],
-    before: Sequence[str],
 ) -> list[NewEvent]:
-    """One event per user newly assigned by someone else: their e-mail."""
+    """One event per user of `assignees` (newly assigned) whom someone else assigned: their
+    e-mail."""
     return [
         NewEvent(
             kind=TASK_ASSIGNED,
@@ -381,7 +378,7 @@ def _assigned(
             },
         )
         for row in assignees
-        if row["user_id"] not in before and row["user_id"] != principal.subject
+        if row["user_id"] != principal.subject
     ]
 
 
