@@ -7,7 +7,7 @@ import uuid
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import CheckConstraint, DateTime, Index, String, Text, Uuid, func, text
+from sqlalchemy import BigInteger, CheckConstraint, DateTime, Index, String, Text, Uuid, func, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -70,3 +70,47 @@ class Task(Base):
     status: Mapped[str] = mapped_column(String(16), server_default=TaskStatus.PENDING.value)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+# `TaskCount.assignee` of the count of all a project's tasks.
+ALL_ASSIGNEES = ""
+
+
+class TaskCount(Base):
+    """How many tasks a project has in each status, all of them (`assignee` is
+    ALL_ASSIGNEES) and each assignee's, kept by triggers on `tasks` in the transaction of
+    every change (migration 0005): a list's total is read from here in time that does not
+    grow with the project. Carries `owner`, the tenant, like the tasks."""
+
+    __tablename__ = "task_counts"
+
+    owner: Mapped[str] = mapped_column(String(255), primary_key=True)
+    project_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    assignee: Mapped[str] = mapped_column(String(255), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    tasks: Mapped[int] = mapped_column(BigInteger)
+
+
+class TaskAssignment(Base):
+    """A user assigned to a task, one row per (task, assignee), kept by the same triggers from
+    `tasks.assignees`: "assigned to me" newest first is an ordered index scan per tenant,
+    which the GIN index of `assignees` cannot give (it finds every such task, unordered)."""
+
+    __tablename__ = "task_assignments"
+    __table_args__ = (
+        Index(
+            "ix_task_assignments_owner_user_id_created_at_task_id",
+            "owner",
+            "user_id",
+            text("created_at DESC"),
+            text("task_id DESC"),
+            postgresql_include=["project_id", "status"],
+        ),
+    )
+
+    owner: Mapped[str] = mapped_column(String(255), primary_key=True)
+    task_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    project_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    status: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
