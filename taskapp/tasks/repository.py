@@ -13,6 +13,7 @@ from functools import cache, lru_cache
 from typing import Any, TypeAlias, cast
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     Insert,
     Integer,
@@ -23,13 +24,17 @@ from sqlalchemy import (
     Uuid,
     and_,
     bindparam,
+    column,
     delete,
     func,
     insert,
+    literal,
+    or_,
     select,
     true,
     update,
 )
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects.postgresql import ARRAY, array
 from sqlalchemy.sql.dml import ReturningDelete
 
@@ -37,11 +42,13 @@ from taskapp.database.driver import Record
 from taskapp.database.unit_of_work import Executor
 from taskapp.membership.models import Member
 from taskapp.membership.repository import audience, inbox_inserts, projects_of
-from taskapp.tasks.models import Task
+from taskapp.tasks.models import ALL_ASSIGNEES, Task, TaskAssignment, TaskCount
 
 TaskRow: TypeAlias = Record
 _TASKS = cast(Table, Task.__table__)
 _MEMBERS = cast(Table, Member.__table__)
+_COUNTS = cast(Table, TaskCount.__table__)
+_ASSIGNMENTS = cast(Table, TaskAssignment.__table__)
 _USERS = ARRAY(String(255))
 # The bound parameter naming the caller whose projects a statement is confined to.
 _VIEWER = "viewer"
@@ -49,26 +56,40 @@ _VIEWER = "viewer"
 
 # A caller's tasks are read from the partitions of at most this many tenants by name (the
 # rest are pruned as the statement starts); with more, from every partition.
-PRUNED_TENANTS = 8
+PRUNED_TENANTS = 32
 # (tenant parameters, one project): see `Scope.shape`.
 ScopeShape: TypeAlias = tuple[int, bool]
 
 
 @dataclass(frozen=True, slots=True)
 class Scope:
-    """What a user may read: the projects they are a member of, and their tenants."""
+    """What a user may read: the projects they are a member of, each with its tenant."""
 
     projects: tuple[uuid.UUID, ...]
-    owners: tuple[str, ...]
+    tenants: tuple[str, ...]  # the owner of each project, in the same order
 
     @classmethod
     def of(cls, memberships: Sequence[Record]) -> Scope:
-        owners = tuple(sorted({row["owner"] for row in memberships}))
-        return cls(tuple(row["project_id"] for row in memberships), owners)
+        return cls(
+            tuple(row["project_id"] for row in memberships),
+            tuple(row["owner"] for row in memberships),
+        )
 
-    def tenants(self) -> int:
-        """How many tenant parameters the statement has: a power of two (so that few
-        statements are prepared), or 0 for every partition."""
+    @property
+    def owners(self) -> tuple[str, ...]:
+        """The tenants, each once."""
+        return tuple(sorted(set(self.tenants)))
+
+    def only(self, project: uuid.UUID) -> Scope | None:
+        """The part of the scope that is `project`; None when it is not in it."""
+        for candidate, tenant in zip(self.projects, self.tenants, strict=True):
+            if candidate == project:
+                return Scope((project,), (tenant,))
+        return None
+
+    def named(self) -> int:
+        """How many tenant parameters a statement naming the owners has: a power of two (so
+        that few statements are prepared), or 0 for every partition."""
         count = len(self.owners)
         return 0 if count > PRUNED_TENANTS else 1 << (count - 1).bit_length()
 
@@ -76,23 +97,27 @@ class Scope:
         """What a statement over this scope depends on: its tenant parameters, and whether
         it is one project (most users': their Inbox), whose tasks one index scan reads in
         order, with no sort."""
-        return self.tenants(), len(self.projects) == 1
+        return self.named(), len(self.projects) == 1
 
     def parameters(self) -> dict[str, Any]:
         if len(self.projects) == 1:
-            return {"tenant_0": self.owners[0], "scope_project": self.projects[0]}
-        slots = self.tenants()
+            return {"tenant_0": self.tenants[0], "scope_project": self.projects[0]}
+        owners = self.owners
+        slots = self.named()
         # The spare slots repeat the last owner.
-        owners = [*self.owners, *[self.owners[-1]] * (slots - len(self.owners))]
-        values: dict[str, Any] = {f"tenant_{n}": owner for n, owner in enumerate(owners[:slots])}
+        named = [*owners, *[owners[-1]] * (slots - len(owners))]
+        values: dict[str, Any] = {f"tenant_{n}": owner for n, owner in enumerate(named[:slots])}
         values["scope_projects"] = list(self.projects)
+        values["scope_tenants"] = list(self.tenants)
+        values["scope_owners"] = list(owners)
         return values
 
 
 def _in_scope(shape: ScopeShape) -> list[ColumnElement[bool]]:
-    """Tasks of the scope's projects, with their owners named one by one (`IN ($1, $2)`):
-    PostgreSQL prunes the other partitions when it starts the plan, generic plans too (it
-    cannot for `owner = ANY($1)` with an array parameter)."""
+    """Tasks of the scope's projects, with their owners named one by one (`owner = $1 OR
+    owner = $2`): PostgreSQL prunes the other partitions when it starts the plan, generic
+    plans too. It prunes nothing for `owner = ANY($1)` with an array parameter, nor for
+    `owner IN ($1, $2)`, which it reads as `owner = ANY(ARRAY[$1, $2]::text[])`."""
     if shape[1]:
         project: ColumnElement[bool] = _TASKS.c.project_id == bindparam("scope_project")
     else:
@@ -106,7 +131,7 @@ def _named_tenants(shape: ScopeShape | None) -> list[ColumnElement[bool]]:
     if shape[1]:
         return [_TASKS.c.owner == bindparam("tenant_0", type_=String(255))]
     owners = [bindparam(f"tenant_{n}", type_=String(255)) for n in range(shape[0])]
-    return [_TASKS.c.owner.in_(owners)]
+    return [or_(*(_TASKS.c.owner == owner for owner in owners))]
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +267,13 @@ def _list_statement(
     there is one row (with NULL task columns) even when the page is empty."""
     conditions = _read_conditions(scope, owner, status, project, assignee, created_by)
     newest_first = (_TASKS.c.created_at.desc(), _TASKS.c.id.desc())
-    total = select(func.count().label("total")).select_from(_TASKS).where(*conditions)
+    if scope is not None and scope[1] and _kept_count(owner, project, assignee, created_by):
+        # One project's total: read from its counts.
+        tenant = bindparam("tenant_0", type_=String(255))
+        counts = _counted(tenant, bindparam("scope_project"), status, assignee)
+        total = select(_sum_of_counts().label("total")).where(*counts)
+    else:
+        total = select(func.count().label("total")).select_from(_TASKS).where(*conditions)
     # Deferred join: the offset is walked in the index alone (an index-only scan of the
     # sort keys), and only the page's own rows are read from the table. Skipping rows of a
     # plain `SELECT * ... OFFSET n` fetches every skipped row, so deep pages cost far more.
@@ -270,6 +301,169 @@ def _list_statement(
         .select_from(counted.outerjoin(page, true()))
         .order_by(page.c.created_at.desc(), page.c.id.desc())
     )
+
+
+def _kept_count(owner: bool, project: bool, assignee: str | None, created_by: bool) -> bool:
+    """Whether a scoped list's total is in `task_counts`: its projects' tasks, or one
+    assignee's, all or in one status."""
+    return not (owner or project or created_by or assignee == "none")
+
+
+def _counted(
+    tenant: ColumnElement[Any], project: ColumnElement[Any], status: bool, assignee: str | None
+) -> list[ColumnElement[bool]]:
+    """The rows of `task_counts` that add up to a scoped list's total (see `_kept_count`)."""
+    counted = [
+        _COUNTS.c.owner == tenant,
+        _COUNTS.c.project_id == project,
+        _COUNTS.c.assignee
+        == (
+            bindparam("assignee", type_=String(255))
+            if assignee == "user"
+            else literal(ALL_ASSIGNEES, String(255))
+        ),
+    ]
+    if status:
+        counted.append(_COUNTS.c.status == bindparam("status"))
+    return counted
+
+
+def _sum_of_counts() -> ColumnElement[int]:
+    return sql_cast(func.coalesce(func.sum(_COUNTS.c.tasks), 0), BigInteger)
+
+
+def _scope_rows() -> Any:
+    """The scope's projects as rows (project_id, tenant)."""
+    return (
+        func.unnest(
+            bindparam("scope_projects", type_=ARRAY(Uuid)),
+            bindparam("scope_tenants", type_=_USERS),
+        )
+        .table_valued(column("project_id", Uuid), column("tenant", String(255)))
+        .render_derived("scope")
+    )
+
+
+def _assigned(shape: tuple[Any, ...]) -> bool:
+    """Whether a list over several projects is of one assignee's tasks (by status or all),
+    read from `task_assignments` (see `_assigned_list_statement`)."""
+    scope, owner, _, project, assignee, created_by = shape
+    multiple = scope is not None and not scope[1]
+    return multiple and assignee == "user" and not (owner or project or created_by)
+
+
+@cache
+def _assigned_list_statement(status: bool) -> Select[Any]:
+    """A page of the tasks assigned to someone in the scope's projects: per tenant, the
+    newest `offset + limit` of their assignments, read in order from the (owner, user_id,
+    created_at, task_id) index of `task_assignments`, merged into the page; the total added
+    up from the assignee's counts in each project. The cost is the page's and the projects',
+    not the assignments'."""
+    tenants = (
+        func.unnest(bindparam("scope_owners", type_=_USERS))
+        .table_valued(column("tenant", String(255)))
+        .render_derived("tenants")
+    )
+    assignments = _ASSIGNMENTS.c
+    conditions = [
+        assignments.owner == tenants.c.tenant,
+        assignments.user_id == bindparam("assignee", type_=String(255)),
+        assignments.project_id == func.any(bindparam("scope_projects", type_=ARRAY(Uuid))),
+    ]
+    if status:
+        conditions.append(assignments.status == bindparam("status"))
+    scope = _scope_rows()
+    total = select(_sum_of_counts().label("total")).select_from(
+        scope.join(_COUNTS, and_(*_counted(scope.c.tenant, scope.c.project_id, status, "user")))
+    )
+    keys = _merged_keys(
+        tenants, conditions, assignments.owner, assignments.task_id, assignments.created_at
+    )
+    return _page_of(total, keys)
+
+
+def _merged_keys(
+    outer: Any,
+    conditions: list[ColumnElement[bool]],
+    owner: ColumnElement[Any],
+    key: ColumnElement[Any],
+    created_at: ColumnElement[Any],
+) -> Any:
+    """The page's keys (owner, id): for each row of `outer`, the newest `offset + limit`
+    keys matching `conditions` (a lateral scan in index order), merged newest first."""
+    depth = bindparam("offset", type_=Integer) + bindparam("limit", type_=Integer)
+    newest = (
+        select(owner.label("owner"), key.label("id"), created_at.label("created_at"))
+        .where(*conditions)
+        .order_by(created_at.desc(), key.desc())
+        .limit(depth)
+        .lateral("newest")
+    )
+    return (
+        select(newest.c.owner, newest.c.id)
+        .select_from(outer.join(newest, true()))
+        .order_by(newest.c.created_at.desc(), newest.c.id.desc())
+        .offset(bindparam("offset", type_=Integer))
+        .limit(bindparam("limit", type_=Integer))
+        .subquery("page_keys")
+    )
+
+
+def _page_of(total: Select[Any], keys: Any) -> Select[Any]:
+    """The total, left-joined to the rows of the page's keys (one row with NULL task
+    columns when the page is empty), newest first. Each row is read by its key from its
+    tenant's partition alone: the lateral `LIMIT 1` (a key is one task) keeps the planner
+    from joining the keys to a scan of every partition instead."""
+    row = (
+        select(_TASKS)
+        .where(_TASKS.c.owner == keys.c.owner, _TASKS.c.id == keys.c.id)
+        .limit(1)
+        .lateral("row")
+    )
+    page = select(row).select_from(keys.join(row, true())).subquery("page")
+    totals = total.subquery("totals")
+    return (
+        select(totals.c.total, page)
+        .select_from(totals.outerjoin(page, true()))
+        .order_by(page.c.created_at.desc(), page.c.id.desc())
+    )
+
+
+def _merged(shape: tuple[Any, ...]) -> bool:
+    """Whether a list over several projects is read project by project and merged (see
+    `_merged_list_statement`): any filter but an assignee, whom the GIN index of assignees
+    finds across the projects at once."""
+    scope, _, _, project, assignee, _ = shape
+    return scope is not None and not scope[1] and not project and assignee != "user"
+
+
+@cache
+def _merged_list_statement(
+    owner: bool, status: bool, assignee: str | None, created_by: bool
+) -> Select[Any]:
+    """A page over several projects: each project's newest `offset + limit` keys, read in
+    order from its tenant's partition by the (owner, project_id, created_at, id) index, merged
+    into the page; the count is each project's, added up. Each project's scan is pruned to
+    one partition as it runs (the tenant is a parameter of the nested loop), so the cost is
+    the page's and the projects', not the tasks' the caller can see."""
+    scope = _scope_rows()
+    conditions = [
+        _TASKS.c.owner == scope.c.tenant,
+        _TASKS.c.project_id == scope.c.project_id,
+        *_read_conditions(None, owner, status, False, assignee, created_by),
+    ]
+    if _kept_count(owner, False, assignee, created_by):
+        counts = _counted(scope.c.tenant, scope.c.project_id, status, assignee)
+        total = select(_sum_of_counts().label("total")).select_from(
+            scope.join(_COUNTS, and_(*counts))
+        )
+    else:
+        counted = select(func.count().label("tasks")).where(*conditions).lateral("counted")
+        total = select(
+            sql_cast(func.coalesce(func.sum(counted.c.tasks), 0), BigInteger).label("total")
+        ).select_from(scope.join(counted, true()))
+    keys = _merged_keys(scope, conditions, _TASKS.c.owner, _TASKS.c.id, _TASKS.c.created_at)
+    return _page_of(total, keys)
 
 
 # Writes are built once too, per set of columns; the values a write sets are bound under
@@ -348,6 +542,15 @@ def _delete_project_statement() -> Any:
     return delete(_TASKS).where(*_in_project())
 
 
+@cache
+def _forget_counts_statement() -> Any:
+    """The counts of a project under a tenant that no longer has its tasks (all zero)."""
+    return delete(_COUNTS).where(
+        _COUNTS.c.owner == bindparam("match_owner"),
+        _COUNTS.c.project_id == bindparam("match_project"),
+    )
+
+
 class TaskRepository:
     """On a read's connection or a change's unit of work: each method is one statement."""
 
@@ -389,7 +592,15 @@ class TaskRepository:
         if where.scope is not None and not where.scope.projects:
             return 0, []
         parameters: dict[str, Any] = {"offset": offset, "limit": limit, **where.parameters()}
-        rows = await self.connection.fetch(_list_statement(*where.shape()), parameters)
+        shape = where.shape()
+        if _assigned(shape):
+            statement = _assigned_list_statement(where.status is not None)
+        elif _merged(shape):
+            _, owner, status, _, assignee, created_by = shape
+            statement = _merged_list_statement(owner, status, assignee, created_by)
+        else:
+            statement = _list_statement(*shape)
+        rows = await self.connection.fetch(statement, parameters)
         return rows[0]["total"], [row for row in rows if row["id"] is not None]
 
     async def update(
@@ -425,11 +636,13 @@ class TaskRepository:
         """Every task of the project to the partition of its new owner."""
         parameters = {"match_owner": owner, "match_project": project_id, "new_owner": new_owner}
         await self.connection.fetch(_move_tenant_statement(), parameters)
+        await self.connection.fetch(_forget_counts_statement(), parameters)
 
     async def delete_project(self, owner: str, project_id: uuid.UUID) -> None:
         """Every task of the project."""
         parameters = {"match_owner": owner, "match_project": project_id}
         await self.connection.fetch(_delete_project_statement(), parameters)
+        await self.connection.fetch(_forget_counts_statement(), parameters)
 
 
 def _one_or_none(rows: list[TaskRow]) -> TaskRow | None:

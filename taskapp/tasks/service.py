@@ -90,13 +90,17 @@ class TaskReader:
 
             async def query(connection: Any) -> tuple[int, list[Record]]:
                 scope = await self._scope(connection, principal, version)
-                if project is not None and scope is not None and project not in scope.projects:
-                    raise ProjectNotFoundError()
+                narrowed = project
+                if project is not None and scope is not None:
+                    # One project: one ordered index scan of its tenant's partition.
+                    scope, narrowed = scope.only(project), None
+                    if scope is None:
+                        raise ProjectNotFoundError()
                 where = TaskFilter(
                     scope=scope,
                     owner=owner,
                     status=status.value if status else None,
-                    project=project,
+                    project=narrowed,
                     assignee=await _assignee(connection, principal, assignee),
                     created_by=created_by,
                 )
