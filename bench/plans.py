@@ -18,6 +18,7 @@ import asyncpg
 
 from taskapp.database.driver import Connection, connect_arguments
 from taskapp.membership.models import inbox_id
+from taskapp.membership.repository import MembershipRepository
 from taskapp.tasks.repository import Scope, TaskFilter, TaskRepository
 
 PARTITION = re.compile(r"tasks_p\d+")
@@ -29,6 +30,8 @@ class Plan:
     statement: str
     scans: list[tuple[str, str, str]]  # node type, relation, index
     execution_ms: float
+    # The partitions the statement may read (those of the caller's tenants); None: one.
+    allowed: list[str] | None = None
 
     @property
     def partitions(self) -> set[str]:
@@ -38,8 +41,10 @@ class Plan:
     def ok(self) -> bool:
         """One partition of `tasks` (a change by id: each partition's id index, see
         `TaskRepository.update`), read through an index (plain, index-only or bitmap)."""
-        expected = 8 if self.statement.startswith("UPDATE") else 1
         indexed = not any("Seq" in node for node, _, _ in self.scans)
+        if self.allowed is not None:
+            return bool(self.partitions) and self.partitions <= set(self.allowed) and indexed
+        expected = 8 if self.statement.startswith("UPDATE") else 1
         return len(self.partitions) == expected and indexed
 
     def summary(self) -> str:
@@ -88,7 +93,9 @@ def _literal(value: Any) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-async def _explain(raw: asyncpg.Connection, scenario: str, call: Call) -> list[Plan]:
+async def _explain(
+    raw: asyncpg.Connection, scenario: str, call: Call, allowed: list[str] | None = None
+) -> list[Plan]:
     sent: list[tuple[str, Sequence[Any]]] = []
 
     def capture(statement: str, arguments: Sequence[Any], in_transaction: bool) -> None:
@@ -108,7 +115,8 @@ async def _explain(raw: asyncpg.Connection, scenario: str, call: Call) -> list[P
             )
             await raw.execute("DEALLOCATE bench_probe")
         top = (json.loads(raw_plan) if isinstance(raw_plan, str) else raw_plan)[0]
-        plans.append(Plan(scenario, statement, _scans(top["Plan"]), top["Execution Time"]))
+        scans = _scans(top["Plan"])
+        plans.append(Plan(scenario, statement, scans, top["Execution Time"], allowed))
     return plans
 
 
@@ -139,6 +147,63 @@ async def explain_scenarios(
                 raw,
                 "5 patch",
                 lambda r: r.update(identifier, {"status": "completed"}, viewer=owner),
+            )
+    finally:
+        await raw.close()
+    return plans
+
+
+async def _partitions_of(raw: asyncpg.Connection, owners: Sequence[str]) -> list[str]:
+    """The partitions of `tasks` that hold the tasks of `owners`, as PostgreSQL routes them."""
+    rows = await raw.fetch(
+        """
+        SELECT DISTINCT c.relname
+        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid, unnest($1::text[]) AS o(owner)
+        WHERE i.inhparent = 'tasks'::regclass
+          AND satisfies_hash_partition('tasks'::regclass, 8,
+                (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'remainder (\\d+)'))[1]::int,
+                o.owner::varchar)
+        """,
+        list(owners),
+    )
+    return sorted(row["relname"] for row in rows)
+
+
+async def explain_shared(
+    database_url: str, *, user: str, project: str, small: bool = False
+) -> list[Plan]:
+    """Plans of the shared scenarios for `user` (a member of many projects): 7 their list,
+    8 one of their projects (`project`), 9 the tasks assigned to them; each may read only
+    the partitions of the tenants of `user`'s projects."""
+    raw = await asyncpg.connect(**connect_arguments(database_url))
+    try:
+        memberships = await MembershipRepository(Connection(raw)).memberships(user)
+        scope = Scope.of(memberships)
+        one = scope.only(uuid.UUID(project))
+        if one is None:
+            raise ValueError(f"{user} is not a member of {project}")
+        async with _rolled_back(raw):
+            await raw.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            if small:
+                await raw.execute("SET LOCAL enable_seqscan = off")
+            theirs = await _partitions_of(raw, scope.owners)
+            plans = await _explain(
+                raw,
+                f"7 list ({len(scope.projects)} projects)",
+                lambda r: r.list(TaskFilter(scope=scope), offset=0, limit=10),
+                theirs,
+            )
+            plans += await _explain(
+                raw,
+                "8 one project",
+                lambda r: r.list(TaskFilter(scope=one), offset=0, limit=10),
+                await _partitions_of(raw, one.owners),
+            )
+            plans += await _explain(
+                raw,
+                "9 assigned to me",
+                lambda r: r.list(TaskFilter(scope=scope, assignee=user), offset=0, limit=10),
+                theirs,
             )
     finally:
         await raw.close()

@@ -43,8 +43,8 @@ import psutil
 import psycopg
 import redis
 
-from bench.plans import Plan, explain_scenarios
-from bench.seed import Dataset, seed
+from bench.plans import Plan, explain_scenarios, explain_shared
+from bench.seed import Dataset, SharedDataset, seed, seed_shared
 from taskapp.database.migrations import upgrade_database
 from testing.oidc import AUDIENCE, OIDCProvider, serve_provider
 from testing.pgbouncer import PGBOUNCER, pgbouncer
@@ -58,6 +58,9 @@ from testing.services import (
 from testing.standby import streaming_pair
 
 ROOT = Path(__file__).resolve().parent.parent
+# The shared data set's people, and how many of them are busy (in 20 shared projects each).
+SHARED_USERS = 10_000
+SHARED_BUSY = 500
 LUA = ROOT / "bench" / "wrk" / "taskapp.lua"
 RESULTS = ROOT / "bench" / "results"
 PAGE_SIZE = 10
@@ -85,7 +88,12 @@ SCENARIOS = [
     Scenario(4, "create", "create", "POST /tasks, many owners"),
     Scenario(5, "patch", "patch", "PATCH /tasks/{id}, many owners"),
     Scenario(6, "mixed", "mixed", "80% reads / 20% writes, many owners"),
+    # On the shared data set (--dataset shared): the busy users, each in 20 shared projects.
+    Scenario(7, "shared", "shared", "GET /tasks pages 1-5, member of 20 projects"),
+    Scenario(8, "project", "project", "GET /tasks?project= pages 1-3, one of them"),
+    Scenario(9, "assigned", "assigned", "GET /tasks?assignee=me pages 1-3"),
 ]
+SHARED_SCENARIOS = {7, 8, 9}
 
 
 @dataclass
@@ -115,6 +123,15 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=1_000_000, help="tasks to seed")
     parser.add_argument("--owners", type=int, help="owners (default rows / 100)")
     parser.add_argument(
+        "--dataset",
+        choices=("owners", "shared"),
+        default="owners",
+        help="owners: every task in its owner's Inbox (scenarios 1-6); shared: 10,000 users, "
+        "half the tasks in shared projects of 2-50 members and a few large ones, 500 busy "
+        "users each in 20 of them (scenarios 7-9)",
+    )
+    parser.add_argument("--projects", type=int, default=2_000, help="shared projects")
+    parser.add_argument(
         "--users", type=int, default=10_000, help="owners given tokens (at most all of them)"
     )
     parser.add_argument("--duration", type=int, default=10, help="seconds per scenario")
@@ -125,8 +142,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-level", default="info", help="TASKAPP_LOG_LEVEL of the server")
     parser.add_argument(
         "--scenarios",
-        default="1,2,3,4,5,6",
-        help="comma-separated numbers, in run order (the ceiling runs first and last)",
+        help="comma-separated numbers, in run order (the ceiling runs first and last); "
+        "default 1-6, with --dataset shared 7-9",
     )
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra server environment (to compare settings)")  # fmt: skip
@@ -165,8 +182,32 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"{args.baseline} has no .venv (make install there)")
     if args.quick:
         args.rows, args.users, args.duration, args.warmup = 100_000, 1000, 5, 1
+    shared = args.dataset == "shared"
+    if args.scenarios is None:
+        args.scenarios = "7,8,9" if shared else "1,2,3,4,5,6"
+    chosen = {int(n) for n in args.scenarios.split(",")}
+    if shared != (chosen <= SHARED_SCENARIOS) or not chosen <= {s.number for s in SCENARIOS}:
+        parser.error("scenarios 1-6 run on --dataset owners, 7-9 on --dataset shared")
+    if shared:
+        if args.baseline is not None:
+            parser.error("--baseline compares on --dataset owners only")
+        args.owners = args.owners or SHARED_USERS
     args.owners = args.owners or max(100, args.rows // 100)
     return args
+
+
+def _shared_users_file(
+    path: Path, provider: OIDCProvider, dataset: SharedDataset
+) -> tuple[str, int]:
+    """Tokens of the busy users, each line with the ids of their shared projects."""
+    expires = int(time.time()) + 12 * 3600
+    with path.open("w") as out:
+        for user, projects in dataset.busy.items():
+            token = provider.token(user, exp=expires, email=f"{user[-12:]}@bench.example")
+            pages = max(1, -(-dataset.visible(user) // PAGE_SIZE))
+            ids = ",".join(dataset.sample_ids[user])
+            out.write(f"{token}\t{pages}\t{ids}\t{','.join(str(p.id) for p in projects)}\n")
+    return next(iter(dataset.busy)), len(dataset.busy)
 
 
 def _users_file(
@@ -627,7 +668,17 @@ def prepare_data(stack: contextlib.ExitStack, work: Path, args: argparse.Namespa
     async_url = _asyncpg(database_url)
     upgrade_database(async_url)
     started = time.monotonic()
-    dataset = seed(database_url, rows=args.rows, owners=args.owners)
+    dataset: Dataset
+    if args.dataset == "shared":
+        dataset = seed_shared(
+            database_url,
+            rows=args.rows,
+            users=args.owners,
+            projects=args.projects,
+            busy=min(SHARED_BUSY, args.owners),
+        )
+    else:
+        dataset = seed(database_url, rows=args.rows, owners=args.owners)
     seeded = time.monotonic() - started
     print(f"seeded {dataset.rows:,} tasks of {len(dataset.owners):,} owners in {seeded:.1f} s")
     return Prepared(database_url, async_url, redis_url, dataset, seeded, server_env(database_url))
@@ -695,7 +746,10 @@ def start_service(
         provider = stack.enter_context(contextlib.contextmanager(serve_provider)())
         users = work / "users.tsv"
         started = time.monotonic()
-        hot, minted = _users_file(users, provider, data.dataset, args.users)
+        if isinstance(data.dataset, SharedDataset):
+            hot, minted = _shared_users_file(users, provider, data.dataset)
+        else:
+            hot, minted = _users_file(users, provider, data.dataset, args.users)
         print(f"\nminted tokens for {minted:,} owners in {time.monotonic() - started:.1f} s")
     else:
         provider, users, hot, minted = beside.provider, beside.users, beside.hot, beside.minted
@@ -717,8 +771,11 @@ def start_service(
     server = Server(env, args.workers, work / f"{label}.log", checkout)
     stack.callback(_forget_keys, data.redis_url, prefix)
     stack.callback(server.stop)
-    sizes = dict(zip(data.dataset.owners, data.dataset.sizes, strict=True))
-    page = server.wait_ready(provider.token(hot), sizes[hot])
+    if isinstance(data.dataset, SharedDataset):
+        expected = data.dataset.visible(hot)
+    else:
+        expected = dict(zip(data.dataset.owners, data.dataset.sizes, strict=True))[hot]
+    page = server.wait_ready(provider.token(hot), expected)
     return Service(server, env, users, hot, minted, page, provider)
 
 
@@ -741,7 +798,9 @@ def present_tokens(args: argparse.Namespace, service: Service) -> None:
         # Long enough for every token at a first request's cost: a user's first request on
         # a worker also verifies, reads their projects and writes their directory entry.
         seconds = max(1, math.ceil(service.minted / TOKENS_PER_SECOND))
-        run_wrk(args, service.server.base, "tokens", service.users, seconds)
+        # A busy user's page past the end reads every task they see: they call /users/me.
+        mode = "introduce" if args.dataset == "shared" else "tokens"
+        run_wrk(args, service.server.base, mode, service.users, seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -756,16 +815,27 @@ def main(argv: list[str] | None = None) -> int:
         data = prepare_data(stack, work, args)
         database_url, redis_url, dataset = data.database_url, data.redis_url, data.dataset
 
-        heavy = dataset.owners[0]
-        plans: list[Plan] = asyncio.run(
-            explain_scenarios(
-                data.async_url,
-                owner=heavy,
-                deep_offset=(dataset.sizes[0] // PAGE_SIZE - 1) * PAGE_SIZE,
-                task_id=dataset.sample_ids[heavy][0],
+        plans: list[Plan]
+        if isinstance(dataset, SharedDataset):
+            busy, projects = next(iter(dataset.busy.items()))
+            plans = asyncio.run(
+                explain_shared(data.async_url, user=busy, project=str(projects[0].id))
             )
-        )
-        print(f"\nQuery plans for owner {heavy} ({dataset.sizes[0]:,} tasks), deepest page:")
+            print(
+                f"\nQuery plans for {busy}, who sees {dataset.visible(busy):,} tasks in "
+                f"{len(projects) + 1} projects (each may read only their owners' partitions):"
+            )
+        else:
+            heavy = dataset.owners[0]
+            plans = asyncio.run(
+                explain_scenarios(
+                    data.async_url,
+                    owner=heavy,
+                    deep_offset=(dataset.sizes[0] // PAGE_SIZE - 1) * PAGE_SIZE,
+                    task_id=dataset.sample_ids[heavy][0],
+                )
+            )
+            print(f"\nQuery plans for owner {heavy} ({dataset.sizes[0]:,} tasks), deepest page:")
         for plan in plans:
             where = f"{len(plan.partitions)} partition(s), index" if plan.ok else "CHECK FAILED"
             print(f"  {plan.scenario:<18} {where}  {plan.summary()}")
@@ -856,7 +926,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nThis checkout against {args.baseline} (median of {args.pairs} runs each):")
             print(_comparison_table(comparisons, yardstick))
         print(
-            f"\n{dataset.rows:,} tasks, {len(dataset.owners):,} owners; {machine['cpus']} CPUs "
+            f"\n{dataset.rows:,} tasks, {len(dataset.owners):,} owners{_shared_summary(dataset)}"
+            f"; {machine['cpus']} CPUs "
             f"({machine['cpu']}) shared by wrk, taskapp, PostgreSQL {machine['postgresql']} "
             f"and Redis {machine['redis']}; Python {machine['python']}; {machine['date']}"
         )
@@ -873,9 +944,9 @@ def main(argv: list[str] | None = None) -> int:
                 k: str(v) if isinstance(v, Path) else v
                 for k, v in vars(args).items() if k not in {"env"}
             } | {"server_env": shareable_env(env)},
-            "dataset": {"rows": dataset.rows, "owners": len(dataset.owners),
-                        "largest_owner": max(dataset.sizes),
-                        "seed_seconds": round(data.seed_seconds, 1)},
+            "dataset": {"kind": args.dataset, "rows": dataset.rows,
+                        "owners": len(dataset.owners), "largest_owner": max(dataset.sizes),
+                        "seed_seconds": round(data.seed_seconds, 1)} | _shared_facts(dataset),
             "plans": [asdict(plan) | {"ok": plan.ok} for plan in plans],
             "ceiling_rps": round(yardstick, 1),
             "results": [asdict(r) for r in results],
@@ -893,6 +964,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _shared_summary(dataset: Dataset) -> str:
+    if not isinstance(dataset, SharedDataset):
+        return ""
+    return f", {len(dataset.projects):,} shared projects ({len(dataset.busy):,} busy users)"
+
+
+def _shared_facts(dataset: Dataset) -> dict[str, Any]:
+    """What the shared data set holds beyond the Inboxes (nothing for the owners' one)."""
+    if not isinstance(dataset, SharedDataset):
+        return {}
+    seen = sorted(dataset.visible(user) for user in dataset.busy)
+    return {
+        "projects": len(dataset.projects),
+        "project_tasks": sum(p.size for p in dataset.projects),
+        "largest_project": max(p.size for p in dataset.projects),
+        "members": sum(len(p.members) for p in dataset.projects),
+        "busy_users": len(dataset.busy),
+        "busy_user_tasks_median": seen[len(seen) // 2],
+        "busy_user_tasks_max": seen[-1],
+    }
 
 
 def shareable_env(env: dict[str, str]) -> dict[str, str]:

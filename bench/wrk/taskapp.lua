@@ -1,12 +1,16 @@
 -- wrk script for the taskapp benchmark:
 --   wrk -tN -cC ... -s taskapp.lua URL -- SCENARIO USERS_FILE N [RATE]
 --
--- USERS_FILE has one line per user: token <TAB> pages of 10 tasks <TAB> comma-separated task ids.
+-- USERS_FILE has one line per user: token <TAB> pages of 10 tasks <TAB> comma-separated task ids
+-- [<TAB> comma-separated ids of their shared projects].
 -- Scenarios: hot (page 1, first user; also what the independent ceiling is loaded with), list
 -- (random user, any of their pages, the last included), get, create, patch, mixed (40% list,
 -- 40% get, 10% create, 10% patch), tokens (each of the thread's users in turn asks for a page
 -- far past its tasks: every token presented once, as a client's first request does, without
--- warming any entry the scenarios read).
+-- warming any entry the scenarios read), introduce (the same with GET /users/me).
+-- On the shared data set: shared (random user, one of their first 5 pages), project (one of
+-- their shared projects, one of its first 3 pages), assigned (their tasks, one of the first 3
+-- pages).
 --
 -- A user is a client: wrk thread k (of N) sends only users k, k + N, k + 2N, ... over its
 -- own connections.
@@ -93,6 +97,7 @@ function init(args)
         auth = "Bearer " .. fields[1],
         pages = tonumber(fields[2]),
         ids = fields[3] and split(fields[3], ",") or {},
+        projects = fields[4] and split(fields[4], ",") or {},
       }
     end
     index = index + 1
@@ -126,15 +131,30 @@ local function patch(user)
   return wrk.format("PATCH", "/tasks/" .. user.ids[math.random(#user.ids)], headers, body)
 end
 
+local function page_of(path, user, pages)
+  local separator = path:find("?", 1, true) and "&" or "?"
+  local query = separator .. "page=" .. math.random(pages) .. "&page_size=10"
+  return wrk.format("GET", path .. query, { Authorization = user.auth })
+end
+
 function request()
   if scenario == "hot" then
     return wrk.format("GET", "/tasks?page=1&page_size=10", { Authorization = first_auth })
   elseif scenario == "tokens" then
     next_user = next_user % #users + 1
     return wrk.format("GET", "/tasks?page=1000000&page_size=1", { Authorization = users[next_user].auth })
+  elseif scenario == "introduce" then
+    next_user = next_user % #users + 1
+    return wrk.format("GET", "/users/me", { Authorization = users[next_user].auth })
   end
   local user = users[math.random(#users)]
-  if scenario == "list" then
+  if scenario == "shared" then
+    return page_of("/tasks", user, math.min(user.pages, 5))
+  elseif scenario == "project" then
+    return page_of("/tasks?project=" .. user.projects[math.random(#user.projects)], user, 3)
+  elseif scenario == "assigned" then
+    return page_of("/tasks?assignee=me", user, 3)
+  elseif scenario == "list" then
     return list(user)
   elseif scenario == "get" then
     return get(user)

@@ -8,8 +8,16 @@ import random
 import psycopg
 import pytest
 
-from bench.plans import explain_scenarios
-from bench.seed import HEAVY_OWNERS, owner_sizes, seed
+from bench.plans import explain_scenarios, explain_shared
+from bench.seed import (
+    BUSY_PROJECTS,
+    HEAVY_OWNERS,
+    LARGE_MEMBERS,
+    LARGE_PROJECTS,
+    owner_sizes,
+    seed,
+    seed_shared,
+)
 from taskapp.database.migrations import upgrade_database
 from testing.services import scratch_database
 
@@ -81,3 +89,66 @@ def test_seed_loads_what_it_reports_and_plans_use_one_partition(
             assert len(plan.partitions) == (8 if plan.scenario == "5 patch" else 1)
         with psycopg.connect(url) as connection:  # the update was explained, not kept
             assert connection.execute(row_query, (task_id,)).fetchone() == before
+
+
+def test_shared_seed_loads_teams_and_plans_read_their_tenants_partitions(
+    postgres_admin_url: str,
+) -> None:
+    with scratch_database(postgres_admin_url, prefix="taskapp_bench_test") as url:
+        upgrade_database(url)
+        dataset = seed_shared(url, rows=20_000, users=400, projects=40, busy=10)
+        assert dataset.rows == 20_000
+        with psycopg.connect(url) as connection:
+            tasks = connection.execute("SELECT count(*) FROM tasks").fetchone()
+            shared: dict[str, int] = dict(
+                connection.execute(
+                    "SELECT p.id::text, count(m.user_id) FROM projects p"
+                    " JOIN project_members m ON m.project_id = p.id"
+                    " WHERE NOT p.personal GROUP BY p.id"
+                ).fetchall()
+            )
+            strangers = connection.execute(
+                "SELECT count(*) FROM tasks t WHERE cardinality(assignees) > 0 AND EXISTS"
+                " (SELECT 1 FROM unnest(t.assignees) a WHERE NOT EXISTS (SELECT 1 FROM"
+                " project_members m WHERE m.project_id = t.project_id AND m.user_id = a))"
+            ).fetchone()
+            counts = connection.execute(
+                "SELECT sum(tasks) FROM task_counts WHERE assignee = ''"
+            ).fetchone()
+            assignments = connection.execute(
+                "SELECT (SELECT count(*) FROM task_assignments),"
+                " (SELECT count(*) FROM tasks, unnest(assignees))"
+            ).fetchone()
+            busy, joined = next(iter(dataset.busy.items()))
+            visible = connection.execute(
+                "SELECT count(*) FROM tasks WHERE project_id IN"
+                " (SELECT project_id FROM project_members WHERE user_id = %s)",
+                (busy,),
+            ).fetchone()
+        assert tasks == (20_000,)
+        assert counts == (20_000,)  # counted after the load, as the triggers would have
+        assert assignments is not None
+        assert assignments[0] == assignments[1] > 0
+        assert strangers == (0,)  # every assignee a member of the task's project
+        assert len(shared) == 40
+        large = {str(p.id) for p in dataset.projects[:LARGE_PROJECTS]}
+        assert all(n == LARGE_MEMBERS for p, n in shared.items() if p in large)
+        assert all(2 <= n <= 50 + 10 for p, n in shared.items() if p not in large)
+        for user, projects in dataset.busy.items():
+            assert len(projects) == BUSY_PROJECTS, user
+        assert visible == (dataset.visible(busy),)
+
+        plans = asyncio.run(
+            explain_shared(
+                url.replace("postgresql://", "postgresql+asyncpg://", 1),
+                user=busy,
+                project=str(joined[0].id),
+                small=True,
+            )
+        )
+        assert [plan.scenario[0] for plan in plans] == ["7", "8", "9"]
+        for plan in plans:
+            assert plan.ok, plan.summary()
+            assert plan.allowed is not None
+            assert plan.partitions <= set(plan.allowed)
+        assert len(plans[1].partitions) == 1  # one project: its tenant's partition

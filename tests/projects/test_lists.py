@@ -102,6 +102,16 @@ async def test_pages_over_many_projects_merge_them_in_order(client, app, oidc):
         ),
         (f"project={projects['owner3']}", "project_id = :p", {"p": uuid.UUID(projects["owner3"])}),
         ("owner=alice", "owner = 'alice'", {}),
+        (
+            f"project={projects['owner2']}&assignee=me&status=in_progress",
+            "project_id = :p AND assignees @> ARRAY['alice']::varchar[] AND status = 'in_progress'",
+            {"p": uuid.UUID(projects["owner2"])},
+        ),
+        (
+            "assignee=me&status=pending",
+            "assignees @> ARRAY['alice']::varchar[] AND status = 'pending'",
+            {},
+        ),
     ]
     everything = await _expected(app, "true", {})
     assert len(everything) == 25  # 23 in the shared projects, 2 in the Inbox
