@@ -232,6 +232,12 @@ def _by_id() -> ColumnElement[bool]:
 
 @cache
 def _get_statement(scope: ScopeShape | None) -> Select[Any]:
+    """The task by id, within the scope. For one project, by its primary key (owner, id),
+    the project checked on the row: a generic plan given `project_id = $2` too may read the
+    task through the (owner, project_id, created_at, id) index instead, walking every entry
+    of the project (1 ms for an Inbox of 20,000 tasks)."""
+    if scope is not None and scope[1]:
+        return select(_TASKS).where(_by_id(), *_named_tenants(scope))
     conditions = [] if scope is None else _in_scope(scope)
     return select(_TASKS).where(_by_id(), *conditions)
 
@@ -575,7 +581,10 @@ class TaskRepository:
                 return None
             parameters.update(scope.parameters())
         statement = _get_statement(None if scope is None else scope.shape())
-        return _one_or_none(await self.connection.fetch(statement, parameters))
+        row = _one_or_none(await self.connection.fetch(statement, parameters))
+        if row is not None and scope is not None and row["project_id"] not in scope.projects:
+            return None  # another project of the same tenant
+        return row
 
     async def get_for_update(
         self, task_id: uuid.UUID, *, caller: str, viewer: str | None
