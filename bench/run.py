@@ -44,7 +44,7 @@ import psycopg
 import redis
 
 from bench.plans import Plan, explain_scenarios, explain_shared
-from bench.seed import Dataset, SharedDataset, seed, seed_shared
+from bench.seed import BUSY_PROJECTS, Dataset, SharedDataset, seed, seed_shared
 from taskapp.database.migrations import upgrade_database
 from testing.oidc import AUDIENCE, OIDCProvider, serve_provider
 from testing.pgbouncer import PGBOUNCER, pgbouncer
@@ -191,6 +191,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     if shared:
         if args.baseline is not None:
             parser.error("--baseline compares on --dataset owners only")
+        if args.projects < BUSY_PROJECTS:
+            parser.error(f"--projects: at least {BUSY_PROJECTS} (each busy user's share)")
         args.owners = args.owners or SHARED_USERS
     args.owners = args.owners or max(100, args.rows // 100)
     return args

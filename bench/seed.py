@@ -148,8 +148,13 @@ def _bulk_load(dsn: str) -> Iterator[tuple[psycopg.Cursor[Any], bool]]:
             # Counted (and assignments listed) once after the load, not by the trigger over a
             # transition table of every row.
             connection.execute("ALTER TABLE tasks DISABLE TRIGGER USER")
-        with connection.cursor() as cursor:
-            yield cursor, projects
+        try:
+            with connection.cursor() as cursor:
+                yield cursor, projects
+        except BaseException:
+            if counts:
+                connection.execute("ALTER TABLE tasks ENABLE TRIGGER USER")
+            raise
         if counts:
             connection.execute(_COUNT_ALL)
             connection.execute(

@@ -8,7 +8,9 @@ add what each statement changed, in its transaction: a moved row (another projec
 tenant) counts out of the old key and into the new one. Each statement's changes are added
 up first and written in key order, so that two transactions never wait for each other's
 counts in opposite orders; a statement that changes no status, assignee, project or tenant
-(a new title) writes none. `TRUNCATE tasks` empties both tables too.
+(a new title) writes none. `TRUNCATE tasks` empties both tables too. The statement
+triggers are the parent table's: a write aimed at a partition itself (`tasks_p3`) bypasses
+them, as it bypasses the partitioning; nothing of taskapp does that.
 
 `task_assignments` holds a row per (task, assignee) with the task's tenant, project, status
 and creation time, indexed by (owner, user, created_at): the tasks assigned to someone,
@@ -58,9 +60,10 @@ _COUNTS = {
 }
 # A task's assignments, as `task_assignments` holds them: each written by a row trigger
 # whose WHEN clause PostgreSQL checks without calling it, so a task without assignees, or
-# a change that leaves them, their project and status alone, costs nothing here. (A task
-# that changes tenant moves partition: PostgreSQL runs that UPDATE as a DELETE and an
-# INSERT, and fires their triggers.)
+# a change that leaves them, their project, status and tenant alone, costs nothing here. (A
+# task whose new tenant is in another partition moves: PostgreSQL runs that UPDATE as a
+# DELETE and an INSERT, and fires their triggers; one whose new tenant hashes to the same
+# partition is updated in place, and its rows follow it here.)
 _ASSIGN = """
     INSERT INTO task_assignments (owner, task_id, user_id, project_id, status, created_at)
     SELECT {row}.owner, {row}.id, assignee, {row}.project_id, {row}.status, {row}.created_at
@@ -71,12 +74,12 @@ _ASSIGNMENTS = {
     "insert": ("cardinality(NEW.assignees) > 0", _ASSIGN.format(row="NEW")),
     "update": (
         "(cardinality(OLD.assignees) > 0 OR cardinality(NEW.assignees) > 0)"
-        " AND (OLD.assignees, OLD.project_id, OLD.status)"
-        " IS DISTINCT FROM (NEW.assignees, NEW.project_id, NEW.status)",
+        " AND (OLD.owner, OLD.assignees, OLD.project_id, OLD.status)"
+        " IS DISTINCT FROM (NEW.owner, NEW.assignees, NEW.project_id, NEW.status)",
         f"IF OLD.assignees IS DISTINCT FROM NEW.assignees THEN {_UNASSIGN};"
         f" {_ASSIGN.format(row='NEW')}; ELSE UPDATE task_assignments"
-        " SET project_id = NEW.project_id, status = NEW.status"
-        " WHERE owner = NEW.owner AND task_id = NEW.id; END IF",
+        " SET owner = NEW.owner, project_id = NEW.project_id, status = NEW.status"
+        " WHERE owner = OLD.owner AND task_id = OLD.id; END IF",
     ),
     "delete": ("cardinality(OLD.assignees) > 0", _UNASSIGN),
 }
@@ -116,6 +119,12 @@ def upgrade() -> None:
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("owner", "task_id", "user_id", name=op.f("pk_task_assignments")),
+    )
+    # The counts take '' for "all the tasks": no assignee may be '' (nor NULL).
+    op.create_check_constraint(
+        op.f("ck_tasks_assignees_valid"),
+        "tasks",
+        "array_position(assignees, NULL) IS NULL AND NOT ('' = ANY (assignees))",
     )
     # Taken before the tasks are read, so no change falls between reading and the triggers.
     op.execute("LOCK TABLE tasks IN SHARE MODE")
@@ -169,3 +178,4 @@ def downgrade() -> None:
         op.execute(f"DROP FUNCTION task_assignments_{event}()")
     op.drop_table("task_assignments")
     op.drop_table("task_counts")
+    op.drop_constraint(op.f("ck_tasks_assignees_valid"), "tasks", type_="check")

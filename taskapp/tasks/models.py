@@ -28,6 +28,11 @@ class Task(Base):
     __table_args__ = (
         # Every owner-scoped query names the owner, so the planner prunes to one partition.
         CheckConstraint("status IN ('pending', 'in_progress', 'completed')", name="status_valid"),
+        # `task_counts` takes '' for "all the tasks" (migration 0005): no assignee is ''.
+        CheckConstraint(
+            "array_position(assignees, NULL) IS NULL AND NOT ('' = ANY (assignees))",
+            name="assignees_valid",
+        ),
         # GET /tasks for one owner, newest first; also serves the per-owner count.
         Index("ix_tasks_owner_created_at_id", "owner", text("created_at DESC"), text("id DESC")),
         # The same list filtered by status.

@@ -186,3 +186,46 @@ async def test_concurrent_changes_of_one_project_keep_exact_counts(client, app, 
     assert kept == counted
     assigned, derived = await _assignments(app)
     assert assigned == derived
+
+
+async def test_a_tenant_change_within_one_partition_keeps_the_assignments(client, app, oidc):
+    """alice and carol hash to the same partition: a task moving from one's project to the
+    other's, and a transfer between them, are updates in place (no row movement), and the
+    assignments follow them."""
+    alice, carol = oidc.auth("alice"), oidc.auth("carol")
+    await seen_by_directory(client, alice, carol)
+    mine = await project(client, alice, "Mine")
+    theirs = await project(client, carol, "Theirs")
+    await share(client, alice, mine, "carol", "editor")
+    await share(client, carol, theirs, "alice", "editor")
+    ids = []
+    for n in range(3):
+        body = {"title": f"t{n}", "project_id": mine, "assignees": ["carol", "alice"]}
+        response = await client.post("/tasks", json=body, headers=alice)
+        assert response.status_code == 201, response.text
+        ids.append(response.json()["id"])
+    async with app_state(app).engine.connect() as connection:
+        partitions = await connection.execute(
+            text(
+                "SELECT DISTINCT tableoid::regclass::text FROM tasks"
+                " WHERE owner IN ('alice', 'carol')"
+            )
+        )
+        assert len(partitions.all()) == 1  # else this test would test row movement
+
+    moved = await client.patch(f"/tasks/{ids[0]}", json={"project_id": theirs}, headers=alice)
+    assert moved.status_code == 200, moved.text
+    assert moved.json()["owner"] == "carol"
+    assert moved.json()["assignees"] == ["carol", "alice"]
+    transferred = await client.post(
+        f"/projects/{mine}/transfer", json={"owner": "carol"}, headers=alice
+    )
+    assert transferred.status_code == 200, transferred.text
+    assigned, derived = await _assignments(app)
+    assert assigned == derived
+    assert {row[0] for row in assigned} == {"carol"}
+    kept, counted = await _counts(app)
+    assert kept == counted
+    listed = await client.get("/tasks?assignee=me", headers=alice)
+    assert listed.json()["total"] == 3
+    assert len(listed.json()["items"]) == 3
