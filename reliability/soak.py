@@ -120,6 +120,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.owners = args.owners or max(100, args.rows // 100)
+    args.dataset = "owners"  # `make bench`'s data set of Inboxes, which the mixed load reads
     if args.rate <= 0 or args.duration < args.segment or args.segment <= 0:
         parser.error("--rate must be positive and --duration at least one --segment")
     return args
