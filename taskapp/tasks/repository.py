@@ -270,7 +270,8 @@ def _list_statement(
     created_by: bool,
 ) -> Select[Any]:
     """One round trip for a page: the matching count, left-joined to the page's rows, so
-    there is one row (with NULL task columns) even when the page is empty."""
+    there is one row (with NULL task columns) even when the page is empty. Serves admins'
+    lists, one project's, and the rare combinations `_assigned` and `_merged` leave."""
     conditions = _read_conditions(scope, owner, status, project, assignee, created_by)
     newest_first = (_TASKS.c.created_at.desc(), _TASKS.c.id.desc())
     if scope is not None and scope[1] and _kept_count(owner, project, assignee, created_by):
@@ -437,8 +438,9 @@ def _page_of(total: Select[Any], keys: Any) -> Select[Any]:
 
 def _merged(shape: tuple[Any, ...]) -> bool:
     """Whether a list over several projects is read project by project and merged (see
-    `_merged_list_statement`): any filter but an assignee, whom the GIN index of assignees
-    finds across the projects at once."""
+    `_merged_list_statement`): any filter but one assignee, whose tasks are merged per
+    tenant from `task_assignments` instead (`_assigned`), or, with an owner or a creator
+    too, found by the GIN index of assignees (`_list_statement`)."""
     scope, _, _, project, assignee, _ = shape
     return scope is not None and not scope[1] and not project and assignee != "user"
 
