@@ -194,6 +194,13 @@ class ResponseCache:
         self._local.move_to_end((view, name))
         return kept[1]
 
+    def last_local(self, view: str, name: str) -> Any:
+        """What this process last kept as `name` of `view`, at whatever version: a guess that
+        may be stale, for what is checked again where it is used. None when nothing is
+        kept."""
+        kept = self._local.get((view, name))
+        return None if kept is None else kept[1]
+
     def keep_local(self, view: str, version: str | None, name: str, value: Any) -> None:
         """Keep `value`, derived from `view` at `version` (a loader's), in this process: for
         what a load of that view needs again until the view changes, without a round trip.
@@ -402,6 +409,10 @@ class RequestCache:
     def local(self, view: str, version: str | None, name: str) -> Any:
         """See `ResponseCache.local`."""
         return self._cache.local(view, version, name)
+
+    def last_local(self, view: str, name: str) -> Any:
+        """See `ResponseCache.last_local`."""
+        return self._cache.last_local(view, name)
 
     def keep_local(self, view: str, version: str | None, name: str, value: Any) -> None:
         """See `ResponseCache.keep_local`."""

@@ -102,15 +102,18 @@ class Scope:
     def parameters(self) -> dict[str, Any]:
         if len(self.projects) == 1:
             return {"tenant_0": self.tenants[0], "scope_project": self.projects[0]}
-        owners = self.owners
-        slots = self.named()
-        # The spare slots repeat the last owner.
-        named = [*owners, *[owners[-1]] * (slots - len(owners))]
-        values: dict[str, Any] = {f"tenant_{n}": owner for n, owner in enumerate(named[:slots])}
+        values = self.tenant_parameters()
         values["scope_projects"] = list(self.projects)
         values["scope_tenants"] = list(self.tenants)
-        values["scope_owners"] = list(owners)
+        values["scope_owners"] = list(self.owners)
         return values
+
+    def tenant_parameters(self) -> dict[str, Any]:
+        """The tenants alone, one parameter each (`named`); the spare slots repeat the last."""
+        owners = self.owners
+        slots = self.named()
+        named = [*owners, *[owners[-1]] * (slots - len(owners))]
+        return {f"tenant_{n}": owner for n, owner in enumerate(named[:slots])}
 
 
 def _in_scope(shape: ScopeShape) -> list[ColumnElement[bool]]:
@@ -493,14 +496,20 @@ def _insert_statement(columns: frozenset[str], *, inbox: bool) -> Insert:
     return statement
 
 
-@lru_cache(maxsize=64)
-def _update_statement(columns: frozenset[str], *, viewer: bool) -> Update:
-    """A change by id, confined to the projects the viewer may edit; the members of the
-    task's project come back with it (whose cached views it touches)."""
+@lru_cache(maxsize=256)
+def _update_statement(columns: frozenset[str], *, viewer: bool, tenants: int) -> Update:
+    """A change by id, confined to the projects the viewer may edit, and to `tenants` named
+    owners when not 0 (the other partitions pruned as the statement starts: without them it
+    starts and probes all eight); the members of the task's project come back with it (whose
+    cached views it touches)."""
     values: dict[str, Any] = {name: bindparam(f"{_NEW}{name}") for name in sorted(columns)}
     return (
         update(_TASKS)
-        .where(_by_id(), *(_member_of(editing=True) if viewer else ()))
+        .where(
+            _by_id(),
+            *(_member_of(editing=True) if viewer else ()),
+            *_named_tenants((tenants, False)),
+        )
         .values({**values, "updated_at": func.now()})
         .returning(_TASKS, audience(_TASKS.c.project_id))
     )
@@ -615,12 +624,25 @@ class TaskRepository:
         return rows[0]["total"], [row for row in rows if row["id"] is not None]
 
     async def update(
-        self, task_id: uuid.UUID, changes: Mapping[str, Any], *, viewer: str | None
+        self,
+        task_id: uuid.UUID,
+        changes: Mapping[str, Any],
+        *,
+        viewer: str | None,
+        within: Scope | None = None,
     ) -> TaskRow | None:
-        """Change the task if `viewer` (None: anyone) may edit it; with `audience`."""
+        """Change the task if `viewer` (None: anyone) may edit it; with `audience`. `within`:
+        look for it only among the tenants of this scope (a guess, perhaps stale: a task
+        outside them is not found)."""
         parameters = _identity(task_id, viewer)
         parameters.update((f"{_NEW}{name}", value) for name, value in changes.items())
-        statement = _update_statement(frozenset(changes), viewer=viewer is not None)
+        tenants = within.named() if within is not None and within.projects else 0
+        if tenants:
+            assert within is not None
+            parameters.update(within.tenant_parameters())
+        statement = _update_statement(
+            frozenset(changes), viewer=viewer is not None, tenants=tenants
+        )
         return _one_or_none(await self.connection.fetch(statement, parameters))
 
     async def update_row(

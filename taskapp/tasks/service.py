@@ -190,8 +190,11 @@ class TaskService:
     JSON. A change that is one statement (most of them) runs as one, with its events inside
     it."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, cache: RequestCache | None = None) -> None:
+        """`cache`: where this process keeps what it last read of a caller's projects (a
+        reader's `_scope`), which tells a change by id where to look first."""
         self.database = database
+        self.cache = cache
 
     async def create(self, principal: Principal, data: TaskCreate) -> bytes:
         if data.project_id is None or data.project_id == inbox_id(principal.subject):
@@ -237,13 +240,36 @@ class TaskService:
         if "project_id" in changes or "assignees" in changes:
             return await self._reassign(principal, task_id, data, changes)
         viewer = _viewer(principal)
-        async with self.database.unit_of_work(single_statement=True) as work:
-            task = await TaskRepository(work).update(task_id, changes, viewer=viewer)
-            if task is not None:
-                work.touches(*views_changed(task["audience"]))
+        guess = self._last_scope(principal)
+        task = await self._update(task_id, changes, viewer, guess)
+        if task is None and guess is not None:
+            # Not among the tenants last seen: in a project joined since, or not the
+            # caller's to change. Everywhere, then.
+            task = await self._update(task_id, changes, viewer, None)
         if task is None:
             await self._refused(principal, task_id)
         return _json(task)
+
+    async def _update(
+        self,
+        task_id: uuid.UUID,
+        changes: Mapping[str, Any],
+        viewer: str | None,
+        within: Scope | None,
+    ) -> Record | None:
+        async with self.database.unit_of_work(single_statement=True) as work:
+            task = await TaskRepository(work).update(task_id, changes, viewer=viewer, within=within)
+            if task is not None:
+                work.touches(*views_changed(task["audience"]))
+        return task
+
+    def _last_scope(self, principal: Principal) -> Scope | None:
+        """The caller's projects as this process last read them (perhaps stale), when it
+        has and a statement can name their tenants; None for an admin."""
+        if self.cache is None or principal.is_admin:
+            return None
+        scope: Scope | None = self.cache.last_local(view_of(principal), "scope")
+        return scope if scope is not None and scope.projects and scope.named() else None
 
     async def _refused(self, principal: Principal, task_id: uuid.UUID) -> None:
         """Why a change found no task: 403 when the caller may see it (a viewer), else 404."""
@@ -395,7 +421,7 @@ async def get_task_reader(request: Request) -> TaskReader:
 
 async def get_task_service(request: Request) -> TaskService:
     await remember_caller(request)
-    return TaskService(request_database(request))
+    return TaskService(request_database(request), request_cache(request))
 
 
 TaskReaderDep = Annotated[TaskReader, Depends(get_task_reader)]
