@@ -201,6 +201,10 @@ class ResponseCache:
         kept = self._local.get((view, name))
         return None if kept is None else kept[1]
 
+    def forget_local(self, view: str, name: str) -> None:
+        """Drop what this process kept as `name` of `view`."""
+        self._local.pop((view, name), None)
+
     def keep_local(self, view: str, version: str | None, name: str, value: Any) -> None:
         """Keep `value`, derived from `view` at `version` (a loader's), in this process: for
         what a load of that view needs again until the view changes, without a round trip.
@@ -240,7 +244,9 @@ class ResponseCache:
             self._start_repair()
 
     async def clear(self) -> None:
-        """Discard every entry at once (all processes): for changes made outside the API."""
+        """Discard every entry at once (all processes), and what this process kept of them:
+        for changes made outside the API."""
+        self._local.clear()
         await self._bump(keys=[self._clock_key, self._epoch_key])
 
     async def aclose(self) -> None:
@@ -413,6 +419,10 @@ class RequestCache:
     def last_local(self, view: str, name: str) -> Any:
         """See `ResponseCache.last_local`."""
         return self._cache.last_local(view, name)
+
+    def forget_local(self, view: str, name: str) -> None:
+        """See `ResponseCache.forget_local`."""
+        self._cache.forget_local(view, name)
 
     def keep_local(self, view: str, version: str | None, name: str, value: Any) -> None:
         """See `ResponseCache.keep_local`."""

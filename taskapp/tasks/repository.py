@@ -182,8 +182,8 @@ NO_ASSIGNEE = ""  # TaskFilter.assignee: tasks nobody is assigned to
 def _member_of(*, editing: bool) -> list[ColumnElement[bool]]:
     """Tasks of the projects the viewer is a member of (may edit), read from the members as
     the statement runs: for a change by id, one statement that cannot be refused wrongly
-    by a membership read before it. (Owners read by a subquery prune nothing, so none are
-    named here.)"""
+    by a membership read before it. (Owners read by a subquery prune nothing: a change
+    names the owners it guesses as parameters, `TaskRepository.update`.)"""
     return [_TASKS.c.project_id.in_(projects_of(_VIEWER, editing=editing))]
 
 

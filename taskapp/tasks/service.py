@@ -188,7 +188,7 @@ class TaskService:
     """Changes. Each commits its statements with the events it records; only then are the
     views it touched forgotten and its events handed on. Each answers with the stored task's
     JSON. A change that is one statement (most of them) runs as one, with its events inside
-    it."""
+    it; a change by id that its first statement did not find (see `update`) tries a second."""
 
     def __init__(self, database: Database, cache: RequestCache | None = None) -> None:
         """`cache`: where this process keeps what it last read of a caller's projects (a
@@ -246,6 +246,9 @@ class TaskService:
             # Not among the tenants last seen: in a project joined since, or not the
             # caller's to change. Everywhere, then.
             task = await self._update(task_id, changes, viewer, None)
+            if task is not None and self.cache is not None:
+                # The guess is stale: no more of it until a read keeps their projects again.
+                self.cache.forget_local(view_of(principal), "scope")
         if task is None:
             await self._refused(principal, task_id)
         return _json(task)

@@ -168,7 +168,8 @@ async def test_admin_pages_carry_their_bounds_in_the_sql(client, app, oidc):
 
 async def test_a_change_by_id_not_among_the_tenants_last_read_looks_everywhere(client, app, oidc):
     """The tenants a change looks among first are a guess (what this process last read of
-    the caller's projects): a task of a project joined since is still found and changed."""
+    the caller's projects): a task of a project joined since is still found and changed, and
+    a stale guess gives nobody a task that is not theirs to change."""
     alice, bob, carol = oidc.auth("alice"), oidc.auth("bob"), oidc.auth("carol")
     await seen_by_directory(client, alice, bob, carol)
     mine = (await client.post("/tasks", json={"title": "mine"}, headers=alice)).json()
@@ -178,34 +179,47 @@ async def test_a_change_by_id_not_among_the_tenants_last_read_looks_everywhere(c
     theirs = made.json()
     await share(client, bob, team, "alice", "editor")
 
-    updates: list[str] = []
+    updates: list[bool] = []  # for each UPDATE: whether it named owners
 
     def capture(statement: str, arguments: Sequence[Any], in_transaction: bool) -> None:
         if statement.startswith("UPDATE tasks"):
-            updates.append(statement)
+            updates.append("tasks.owner = $" in statement)
+
+    async def patch(auth: dict[str, str], task: dict[str, Any], title: str) -> Any:
+        updates.clear()
+        return await client.patch(f"/tasks/{task['id']}", json={"title": title}, headers=auth)
 
     with app_state(app).database.observing(capture):
-        changed = await client.patch(
-            f"/tasks/{theirs['id']}", json={"status": "completed"}, headers=alice
-        )
+        changed = await patch(alice, theirs, "one")
         assert changed.status_code == 200, changed.text
-        assert changed.json()["status"] == "completed"
-        assert len(updates) == 2  # among alice's tenants (not found), then everywhere
-        updates.clear()
-        assert (await client.get("/tasks", headers=alice)).json()["total"] == 2  # read again
-        again = await client.patch(f"/tasks/{theirs['id']}", json={"title": "ours"}, headers=alice)
-        assert again.json()["title"] == "ours"
-        own = await client.patch(f"/tasks/{mine['id']}", json={"title": "m"}, headers=alice)
-        assert own.json()["title"] == "m"
-        assert len(updates) == 2  # each found among the tenants last read
+        assert changed.json()["title"] == "one"
+        assert updates == [True, False]  # among alice's tenants (not found), then everywhere
+        # The guess proved stale: it is dropped until a read keeps her projects again.
+        assert (await patch(alice, theirs, "two")).json()["title"] == "two"
+        assert updates == [False]
+        assert (await client.get("/tasks", headers=alice)).json()["total"] == 2
+        assert (await patch(alice, theirs, "ours")).json()["title"] == "ours"
+        assert updates == [True]
+        assert (await patch(alice, mine, "m")).json()["title"] == "m"
+        assert updates == [True]
 
-    # Not hers to change: neither guess nor the search everywhere changes it.
-    assert (await client.get("/tasks", headers=carol)).status_code == 200
-    refused = await client.patch(f"/tasks/{mine['id']}", json={"title": "x"}, headers=carol)
-    assert refused.status_code == 404
-    assert refused.json()["code"] == "task_not_found"
-    await share(client, bob, team, "carol", "viewer")
-    viewer = await client.patch(f"/tasks/{theirs['id']}", json={"title": "x"}, headers=carol)
-    assert viewer.status_code == 403
-    stored = (await client.get(f"/tasks/{theirs['id']}", headers=bob)).json()
-    assert stored["title"] == "ours"
+        # Removed from the team, she keeps the guess that names bob's partition: refused.
+        gone = await client.delete(f"/projects/{team}/members/alice", headers=bob)
+        assert gone.status_code == 204
+        refused = await patch(alice, theirs, "x")
+        assert refused.status_code == 404, refused.text
+        assert refused.json()["code"] == "task_not_found"
+        assert updates == [True, False]
+
+        # A viewer whose guess names the task's partition: 403, and a stranger's task: 404.
+        await share(client, bob, team, "carol", "viewer")
+        assert (await client.get("/tasks", headers=carol)).json()["total"] == 1
+        viewer = await patch(carol, theirs, "x")
+        assert viewer.status_code == 403, viewer.text
+        assert updates == [True, False]
+        stranger = await patch(carol, mine, "x")
+        assert stranger.status_code == 404
+        assert updates == [True, False]
+
+    assert (await client.get(f"/tasks/{theirs['id']}", headers=bob)).json()["title"] == "ours"
+    assert (await client.get(f"/tasks/{mine['id']}", headers=alice)).json()["title"] == "m"
