@@ -388,3 +388,22 @@ async def test_a_loaded_entry_is_stored_soon_without_another_lookup(
         assert elsewhere.content == loaded.content
         async with app_state(first).engine.begin() as connection:
             await connection.execute(text("TRUNCATE tasks"))
+
+
+async def test_values_kept_in_the_process_by_version_and_last_kept(app: FastAPI):
+    """`local` answers only for the version a value was kept at; `last_local` whatever the
+    version since (a guess); `forget_local` and `clear` drop them."""
+    cache = app_state(app).cache
+    cache.keep_local("owner:alice", "1:1", "scope", "first")
+    assert cache.local("owner:alice", "1:1", "scope") == "first"
+    assert cache.local("owner:alice", "1:2", "scope") is None  # the view changed since
+    assert cache.local("owner:alice", None, "scope") is None  # no version: the cache is off
+    assert cache.last_local("owner:alice", "scope") == "first"
+    assert cache.last_local("owner:bob", "scope") is None
+    cache.keep_local("owner:alice", None, "scope", "unversioned")  # not kept
+    assert cache.last_local("owner:alice", "scope") == "first"
+    cache.forget_local("owner:alice", "scope")
+    assert cache.last_local("owner:alice", "scope") is None
+    cache.keep_local("owner:bob", "1:1", "scope", "his")
+    await cache.clear()
+    assert cache.last_local("owner:bob", "scope") is None
