@@ -55,6 +55,8 @@ class State:
     # The callers whose directory entry this process wrote: when (monotonic seconds), and
     # the claims it wrote (username, name, e-mail).
     directory_seen: dict[str, tuple[float, tuple[str | None, ...]]] = field(default_factory=dict)
+    # The callers whose entry one of this process's requests is writing now.
+    directory_writing: set[str] = field(default_factory=set)
 
 
 def state_of(scope: Scope) -> State:

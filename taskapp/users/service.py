@@ -49,6 +49,12 @@ async def remember_caller(request: Request) -> None:
     now = time.monotonic()
     if last is not None and (last[1] == claims or now - last[0] < REFRESH_INTERVAL):
         return
+    writing = state.directory_writing
+    if principal.subject in writing:
+        # Another of their requests is writing it: one write, not one per request (a burst
+        # of a new caller's requests would otherwise queue that many for a connection).
+        return
+    writing.add(principal.subject)
     try:
         # Outside the request's rate limit: a refresh is the service's own bookkeeping, and
         # counting it would make a request's answer depend on when its caller was last seen.
@@ -56,6 +62,8 @@ async def remember_caller(request: Request) -> None:
     except (DatabaseUnavailableError, DatabaseBusyError, OutcomeUnknownError) as exc:
         logger.warning("users directory: %s not refreshed: %s", principal.subject, exc.detail)
         return
+    finally:
+        writing.discard(principal.subject)
     if len(seen) >= _SEEN_LIMIT:
         seen.clear()
     seen[principal.subject] = (now, claims)

@@ -3,6 +3,8 @@ searched only among those who share a project (admins: everyone)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from sqlalchemy import text
 
 from testing.oidc import OIDCProvider
@@ -45,6 +47,27 @@ async def test_any_call_puts_the_caller_in_the_directory_with_an_inbox(client, a
     assert row["username"] == "newcomer"
     projects = (await client.get("/projects", headers=oidc.auth("newcomer"))).json()
     assert [p["name"] for p in projects["items"]] == ["Inbox"]
+
+
+async def test_a_burst_of_a_new_callers_requests_writes_their_entry_once(client, app, oidc):
+    """Concurrent first requests of one caller in one process: one directory write, not one
+    per request (each would wait for a connection before the request's own statement)."""
+    writes: list[str] = []
+
+    def capture(statement: str, arguments: object, in_transaction: bool) -> None:
+        if "INSERT INTO users" in statement:
+            writes.append(statement)
+
+    burst = oidc.auth("bursty")
+    with app_state(app).database.observing(capture):
+        answers = await asyncio.gather(
+            *(client.post("/tasks", json={"title": f"t{n}"}, headers=burst) for n in range(10)),
+            *(client.get("/tasks?page_size=3", headers=burst) for _ in range(10)),
+        )
+    assert sorted(answer.status_code for answer in answers) == [200] * 10 + [201] * 10
+    assert len(writes) == 1
+    assert (await _row(app, "bursty")) is not None
+    assert not app_state(app).directory_writing
 
 
 async def test_an_entry_is_refreshed_at_most_once_a_minute(client, app, oidc):
