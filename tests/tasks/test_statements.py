@@ -7,6 +7,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from sqlalchemy import text
+
 from taskapp.app import create_app
 from taskapp.database.driver import compilations
 from tests.conftest import SettingsFactory, app_state, running
@@ -96,4 +98,8 @@ async def test_every_statement_is_compiled_once_then_taken_from_the_cache(
             await every_kind(1)
             await every_kind(2)
         assert compilations() == compiled
+        # The shared app's cleanup knows nothing of this app's events: no test after this
+        # one may find them.
+        async with app_state(app).engine.begin() as connection:
+            await connection.execute(text("TRUNCATE events, deliveries"))
     assert kinds == ["WITH", "SELECT", "SELECT", "UPDATE", "DELETE"] * 2
