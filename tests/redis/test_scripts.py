@@ -7,14 +7,18 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, ResponseError
 
 from taskapp.redis.client import REDIS_FAILURES
-from taskapp.redis.scripts import Scripts
+from taskapp.redis.scripts import Scripts, _packer
 
 ECHO = "return ARGV[1]"
 # Busy in Redis for tens of milliseconds, then answers its argument.
@@ -228,3 +232,39 @@ async def test_a_write_refused_by_a_closed_transport_is_made_on_a_new_connection
     assert list(replies) == [b"a", b"b"]
     assert scripts._link is not link
     await scripts.aclose()
+
+
+def _unconnected(**options: Any) -> Connection:
+    connection: Connection = Redis(**options).connection_pool.make_connection()  # type: ignore[no-untyped-call]
+    return connection
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    arguments=st.lists(
+        st.text(alphabet=st.characters(exclude_categories=["Cs"]))
+        | st.binary()
+        | st.integers()
+        | st.floats(allow_nan=True, allow_infinity=True),
+        max_size=8,
+    )
+)
+def test_commands_are_packed_as_redis_py_packs_them(arguments: list[Any]) -> None:
+    connection = _unconnected()
+    command = ("EVALSHA", "0" * 40, len(arguments), *arguments)
+    assert _packer(connection)(command) == [b"".join(connection.pack_command(*command))]
+
+
+@pytest.mark.parametrize("argument", [None, True, [1], {"a": 1}])
+def test_what_redis_py_refuses_to_pack_is_refused(argument: Any) -> None:
+    connection = _unconnected()
+    with pytest.raises(DataError):
+        connection.pack_command("SET", "key", argument)
+    with pytest.raises(DataError):
+        _packer(connection)(("SET", "key", argument))
+
+
+def test_another_text_encoding_is_packed_by_redis_py() -> None:
+    connection = _unconnected(encoding="latin-1")
+    assert _packer(connection)(("SET", "k", "é")) == connection.pack_command("SET", "k", "é")
+    assert connection.pack_command("SET", "k", "é")[0].endswith(b"\xe9\r\n")
