@@ -19,8 +19,10 @@ served differently.
 from __future__ import annotations
 
 import email.message
+import enum
 import inspect
 import json
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from copy import deepcopy
 from functools import lru_cache
@@ -31,6 +33,7 @@ from fastapi._compat import ModelField
 from fastapi._compat.shared import field_annotation_is_sequence
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -156,16 +159,21 @@ def _compile(route: APIRoute) -> _Invoke:
     if not inspect.iscoroutinefunction(dependant.call):
         raise TypeError(f"{name}: the endpoint must be a coroutine function")
     dependencies = [_dependency(name, sub) for sub in dependant.dependencies]
-    # (where, the name it is read by, its field)
-    fields: list[tuple[str, str, ModelField]] = []
-    for where, declared in (("path", dependant.path_params), ("query", dependant.query_params)):
+    # (the name it is read by, its field)
+    path_fields: list[tuple[str, ModelField]] = []
+    query_fields: list[tuple[str, ModelField]] = []
+    for where, declared, into in (
+        ("path", dependant.path_params, path_fields),
+        ("query", dependant.query_params, query_fields),
+    ):
         for field in declared:
             alias = field.field_info.validation_alias or field.alias
             if not isinstance(alias, str):
                 raise TypeError(f"{name}: {where} parameter {field.name} has an alias choice")
             if field_annotation_is_sequence(field.field_info.annotation):
                 raise TypeError(f"{name}: {where} parameter {field.name} is a sequence")
-            fields.append((where, alias, field))
+            into.append((alias, field))
+    query = _QueryParameters(query_fields)
     request_param = dependant.request_param_name
     endpoint = dependant.call
     assert endpoint is not None
@@ -181,11 +189,9 @@ def _compile(route: APIRoute) -> _Invoke:
             values[param] = await value if inspect.isawaitable(value) else value
         errors: list[Any] = []
         path_params = request.path_params
-        query_params = request.query_params
-        for where, key, field in fields:
-            source = path_params if where == "path" else query_params
-            value = source.get(key, _MISSING)
-            _validate(field, value, (where, key), values, errors)
+        for key, field in path_fields:
+            _validate(field, path_params.get(key, _MISSING), ("path", key), values, errors)
+        query.validate(request.scope["query_string"], values, errors)
         if body_field is not None:
             _validate(body_field, body, ("body",), values, errors)
         if errors:
@@ -216,7 +222,9 @@ def _validate(
         if field.field_info.is_required():
             errors.append({"type": "missing", "loc": loc, "msg": "Field required"})
             return
-        value = deepcopy(field.default)
+        value = field.default
+        if not isinstance(value, _IMMUTABLE):
+            value = deepcopy(value)
         if not field.field_info.validate_default:
             values[field.name] = value
             return
@@ -225,6 +233,46 @@ def _validate(
         errors.extend(problems)
     else:
         values[field.name] = validated
+
+
+# Validated query strings kept per route, at most.
+QUERY_STRINGS_KEPT = 1024
+_IMMUTABLE = (type(None), bool, int, float, str, bytes, uuid.UUID, enum.Enum)
+
+
+class _QueryParameters:
+    """A route's query parameters, validated as FastAPI validates them; the values of a
+    query string seen before (page 1 of a list, say) are taken as they were validated then.
+
+    Only query strings that validated, into values that cannot change (numbers, text, UUIDs,
+    enumerations, None), are kept; the values of the same string are the same every time.
+    """
+
+    __slots__ = ("_fields", "_kept")
+
+    def __init__(self, fields: list[tuple[str, ModelField]]) -> None:
+        self._fields = fields
+        self._kept: dict[bytes, tuple[tuple[str, Any], ...]] = {}
+
+    def validate(self, query_string: bytes, values: dict[str, Any], errors: list[Any]) -> None:
+        if not self._fields:
+            return
+        kept = self._kept.get(query_string)
+        if kept is not None:
+            values.update(kept)
+            return
+        mine: dict[str, Any] = {}
+        problems: list[Any] = []
+        params = QueryParams(query_string)
+        for key, field in self._fields:
+            _validate(field, params.get(key, _MISSING), ("query", key), mine, problems)
+        values.update(mine)
+        if problems:
+            errors.extend(problems)
+        elif all(isinstance(value, _IMMUTABLE) for value in mine.values()):
+            if len(self._kept) >= QUERY_STRINGS_KEPT:
+                self._kept.clear()
+            self._kept[query_string] = tuple(mine.items())
 
 
 async def _json_body(request: Request) -> Any:

@@ -21,8 +21,10 @@ from starlette.middleware import Middleware
 
 from taskapp.app import create_app
 from taskapp.auth.dependencies import bearer_scheme
+from taskapp.http import routing
 from taskapp.http.routing import LeanRoute, LeanRoutes, lean_route, routes_of
 from taskapp.membership.models import inbox_id
+from taskapp.tasks.router import router as tasks_router
 from testing.oidc import OIDCProvider
 from tests.conftest import SettingsFactory, running
 
@@ -493,3 +495,51 @@ def test_a_dependency_lean_routes_cannot_resolve_is_refused_when_declared(
 ) -> None:
     with pytest.raises(TypeError, match="must be `async def f"):
         lean_route(APIRouter(), "GET", "/x")(endpoint)
+
+
+async def test_a_query_string_validated_once_is_answered_the_same_after(
+    make_settings: SettingsFactory, oidc: OIDCProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Values kept per query string are those a fresh validation gives; a string that failed
+    is validated (and refused) again each time; the strings kept are bounded."""
+    monkeypatch.setattr(routing, "QUERY_STRINGS_KEPT", 3)
+    app = create_app(make_settings(ratelimit=NO_LIMITS))
+    route = next(
+        r for r in tasks_router.routes if isinstance(r, LeanRoute) and r.methods == {"GET"}
+    )
+    assert route.path == "/tasks"
+    validations: list[str] = []
+    for field in route.dependant.query_params:
+        original = field.validate
+
+        def counted(value: Any, *args: Any, _original: Any = original, **kw: Any) -> Any:
+            validations.append(value)
+            return _original(value, *args, **kw)
+
+        monkeypatch.setattr(field, "validate", counted)
+    # Kept per route, whatever the app: strings of this test's own (FastAPI ignores `x`).
+    mine = uuid.uuid4().hex
+    user = f"routing-kept-{mine[:8]}"
+    alice = oidc.auth(user)
+    async with running(app) as client:
+        await _make_tasks(client, oidc, user)
+        url = f"/tasks?page=2&page_size=5&status=completed&x={mine}"
+        first = await client.get(url, headers=alice)
+        validated = len(validations)
+        assert validated > 0
+        again = await client.get(url, headers=alice)
+        assert len(validations) == validated  # taken as kept
+        assert again.status_code == first.status_code == 200
+        assert again.json() == first.json()
+        assert [item["status"] for item in again.json()["items"]] == ["completed"]
+        for _ in range(2):
+            refused = await client.get("/tasks?page=0", headers=alice)
+            assert refused.status_code == 422
+            assert refused.json()["detail"][0]["loc"] == ["query", "page"]
+        assert len(validations) > validated  # the refused string is never kept
+        for page in (1, 2, 3, 4):  # more strings than are kept: the first are forgotten
+            answer = await client.get(f"/tasks?page={page}&x={mine}", headers=alice)
+            assert answer.status_code == 200
+        before = len(validations)
+        assert (await client.get(f"/tasks?page=1&x={mine}", headers=alice)).status_code == 200
+        assert len(validations) > before
