@@ -13,7 +13,6 @@ import re
 import secrets
 from contextvars import ContextVar
 
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from taskapp.errors import AppError
@@ -21,6 +20,7 @@ from taskapp.errors import AppError
 logger = logging.getLogger(__name__)
 
 HEADER = "X-Request-ID"
+_HEADER = HEADER.lower().encode()
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
@@ -73,7 +73,8 @@ class RequestIdMiddleware:
             nonlocal response_started
             if message["type"] == "http.response.start":
                 response_started = True
-                MutableHeaders(scope=message)[HEADER] = request_id
+                # A new list: the response's own stays as it was.
+                message["headers"] = [*message.get("headers", ()), (_HEADER, request_id.encode())]
             await send(message)
 
         try:

@@ -74,6 +74,9 @@ class RateLimitCheck:
     def headers(self) -> dict[str, str]:
         return self.decision.headers() if self.decision is not None else {}
 
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        return self.decision.raw_headers() if self.decision is not None else []
+
     async def settle(self) -> None:
         """Count the request now, unless that is done already."""
         if self.settled:

@@ -30,6 +30,10 @@ class Decision:
             headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
         return headers
 
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """`headers()` as ASGI sends them."""
+        return [(k.lower().encode(), v.encode()) for k, v in self.headers().items()]
+
 
 class RateLimiter:
     def __init__(self, scripts: Scripts, *, key_prefix: str, timeout: float) -> None:

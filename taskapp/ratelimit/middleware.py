@@ -14,6 +14,7 @@ A refused read is answered 429 in every case, and never does database work.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -119,7 +120,10 @@ class RateLimitMiddleware:
                         replaced = True
                         await refusal.response()(scope, receive, send)
                         return
-                MutableHeaders(scope=message).update(check.headers())
+                    # The app's own answer to the refusal (a deferred check) has them.
+                    MutableHeaders(scope=message).update(check.headers())
+                else:
+                    message["headers"] = [*message.get("headers", ()), *check.raw_headers()]
             await send(message)
 
         try:
@@ -131,8 +135,7 @@ class RateLimitMiddleware:
     def _check(self, scope: Scope) -> RateLimitCheck:
         principal = principal_of(scope)
         if principal is not None:
-            subject = hashlib.sha256(principal.subject.encode()).hexdigest()[:32]
-            kind, bucket, rate = "user", f"user:{subject}", self.settings.per_user
+            kind, bucket, rate = "user", _user_bucket(principal.subject), self.settings.per_user
         else:
             ip = client_ip(scope, self.trusted)
             kind, bucket, rate = "anonymous", f"ip:{ip}", self.settings.anonymous
@@ -144,3 +147,8 @@ class RateLimitMiddleware:
             rate=rate,
             fail_closed=self.settings.fail_closed,
         )
+
+
+@functools.lru_cache(maxsize=65_536)
+def _user_bucket(subject: str) -> str:
+    return f"user:{hashlib.sha256(subject.encode()).hexdigest()[:32]}"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import itertools
 import logging
@@ -79,6 +80,7 @@ class LookupRider(Protocol):
         ...
 
 
+@functools.lru_cache(maxsize=65_536)
 def _view_id(view: str) -> str:
     # Fixed-length and free of separators, whatever characters a subject contains.
     return hashlib.sha256(view.encode()).hexdigest()[:32]
