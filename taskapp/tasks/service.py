@@ -7,7 +7,7 @@ import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 from fastapi import Depends, Request
 
@@ -26,8 +26,8 @@ from taskapp.membership.repository import MembershipRepository, inbox_parameters
 from taskapp.redis.cache import RequestCache
 from taskapp.tasks.errors import TaskNotFoundError
 from taskapp.tasks.models import TaskStatus
-from taskapp.tasks.repository import NO_ASSIGNEE, Scope, TaskFilter, TaskRepository, TaskRow
-from taskapp.tasks.schemas import TaskCreate, TaskPage, TaskRead, TaskUpdate
+from taskapp.tasks.repository import NO_ASSIGNEE, Scope, TaskFilter, TaskRepository
+from taskapp.tasks.schemas import TaskCreate, TaskUpdate, page_json, task_json
 from taskapp.tasks.views import view_of, views_changed
 from taskapp.users.repository import UserRepository
 from taskapp.users.service import remember_caller
@@ -41,10 +41,6 @@ def _viewer(principal: Principal) -> str | None:
     """The user whose projects a caller is confined to; None for an admin, who sees every
     task."""
     return None if principal.is_admin else principal.subject
-
-
-def _json(task: TaskRow) -> bytes:
-    return TaskRead.model_validate(dict(task)).model_dump_json().encode()
 
 
 class TaskReader:
@@ -109,16 +105,7 @@ class TaskReader:
                 )
 
             total, tasks = await self.database.read(written_at, query)
-            # One validation of the whole page: a model per row costs half as much again.
-            result = TaskPage.model_validate(
-                {
-                    "total": total,
-                    "page": page,
-                    "page_size": page_size,
-                    "items": [dict(task) for task in tasks],
-                }
-            )
-            return result.model_dump_json().encode()
+            return page_json(total, page, page_size, tasks)
 
         # Every filter is part of the key, never of the view: an admin's filtered page lives
         # in the admin view, which every write makes stale. The texts a caller chooses are
@@ -140,7 +127,7 @@ class TaskReader:
             task = await self.database.read(written_at, query)
             if task is None:
                 raise TaskNotFoundError()
-            return _json(task)
+            return task_json(task)
 
         return await self.cache.get_or_load(view_of(principal), f"task:{task_id}", load)
 
@@ -216,7 +203,7 @@ class TaskService:
                 inbox=None,
             )
             work.touches(*views_changed(project["audience"]))
-        return _json(task)
+        return task_json(task)
 
     async def _create_in_inbox(self, principal: Principal, data: TaskCreate) -> bytes:
         """One statement: the Inbox (made if missing), the task and its events. Its only
@@ -233,7 +220,7 @@ class TaskService:
                 {**_new_task(principal, task_id, data), "owner": me, "project_id": inbox_id(me)},
                 inbox=inbox_parameters(me),
             )
-        return _json(task)
+        return task_json(task)
 
     async def update(self, principal: Principal, task_id: uuid.UUID, data: TaskUpdate) -> bytes:
         changes = data.changes()
@@ -251,7 +238,7 @@ class TaskService:
                 self.cache.forget_local(view_of(principal), "scope")
         if task is None:
             await self._refused(principal, task_id)
-        return _json(task)
+        return task_json(task)
 
     async def _update(
         self,
@@ -274,7 +261,7 @@ class TaskService:
         scope: Scope | None = self.cache.last_local(view_of(principal), "scope")
         return scope if scope is not None and scope.projects and scope.named() else None
 
-    async def _refused(self, principal: Principal, task_id: uuid.UUID) -> None:
+    async def _refused(self, principal: Principal, task_id: uuid.UUID) -> NoReturn:
         """Why a change found no task: 403 when the caller may see it (a viewer), else 404."""
         seen = await self.database.read(
             math.inf, lambda connection: _get(connection, principal, task_id)
@@ -322,7 +309,7 @@ class TaskService:
                     work.emit(event)
             updated = await tasks.update_row(task["owner"], task_id, changes)
             work.touches(*views_changed(audience))
-        return _json(updated)
+        return task_json(updated)
 
     async def delete(self, principal: Principal, task_id: uuid.UUID) -> None:
         async with self.database.unit_of_work(single_statement=True) as work:
