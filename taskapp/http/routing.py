@@ -33,6 +33,7 @@ from fastapi._compat import ModelField
 from fastapi._compat.shared import field_annotation_is_sequence
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from starlette._utils import get_route_path
 from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException
 from starlette.routing import Match, Route
@@ -101,13 +102,22 @@ class LeanRoutes:
     def __init__(self, app: ASGIApp, routes: Sequence[Route]) -> None:
         self.app = app
         self.routes = list(routes)
+        # Each route with the text every path it matches starts with (all of it when the
+        # route has no parameters): most routes are passed over by comparing strings.
+        self._candidates = [
+            (route, route.path_format.split("{", 1)[0], "{" not in route.path_format)
+            for route in self.routes
+        ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             method = scope["method"]
-            for route in self.routes:
+            path = get_route_path(scope)
+            for route, start, whole in self._candidates:
                 if route.methods and method not in route.methods:
                     continue  # at most a partial match: FastAPI looks on too
+                if (path != start) if whole else not path.startswith(start):
+                    continue  # no match at all
                 match, child_scope = route.matches(scope)
                 if match is Match.FULL:
                     if isinstance(route, LeanRoute):
