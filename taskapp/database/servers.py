@@ -37,6 +37,10 @@ class ConnectionGate:
         self._timeout = timeout
 
     async def acquire(self) -> None:
+        if not self._slots.locked():
+            # A slot is free and nobody waits: taken at once (no wait to time).
+            await self._slots.acquire()
+            return
         try:
             async with asyncio.timeout(self._timeout):
                 await self._slots.acquire()
