@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -19,7 +22,10 @@ from bench.seed import (
     seed_shared,
 )
 from taskapp.database.migrations import upgrade_database
+from testing.processes import clean_env
 from testing.services import scratch_database
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_owner_sizes_are_skewed_and_exact() -> None:
@@ -152,3 +158,25 @@ def test_shared_seed_loads_teams_and_plans_read_their_tenants_partitions(
             assert plan.allowed is not None
             assert plan.partitions <= set(plan.allowed)
         assert len(plans[1].partitions) == 1  # one project: its tenant's partition
+
+
+@pytest.mark.parametrize("kind", ["get", "create"])
+def test_calls_profiles_the_requests_of_a_kind(
+    postgres_admin_url: str, redis_url: str, kind: str
+) -> None:
+    """`python -m bench.calls` serves real requests in process and reports the app's calls."""
+    env = clean_env(TASKAPP_TEST_DATABASE_URL=postgres_admin_url, TASKAPP_TEST_REDIS_URL=redis_url)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.calls", "--kind", kind, "--users", "4", "--tasks", "3",
+         "--requests", "24", "--top", "60"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    first = done.stdout.splitlines()[0]
+    assert first.startswith(f"{kind}: 24 requests, "), first
+    calls = int(first.split(", ")[1].split()[0].replace(",", ""))
+    assert 100 < calls < 5_000, first
+    # The profile holds the app's own code on the request's path.
+    handler = "create" if kind == "create" else "get"
+    assert "taskapp/tasks/service.py" in done.stdout
+    assert f"({handler})" in done.stdout
