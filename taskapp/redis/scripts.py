@@ -12,7 +12,7 @@ import collections
 import copy
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -33,18 +33,26 @@ def source(*names: str) -> str:
     return "\n".join((LUA / f"{name}.lua").read_text() for name in names)
 
 
-def _packer(connection: Connection) -> Any:
+def _packer(connection: Connection) -> Callable[[tuple[Any, ...]], list[bytes]]:
     """What packs a command as `connection.pack_command` does (its bytes, as a list).
 
     hiredis packs in C what redis-py packs in Python (~10 µs a script call), byte for byte
     the same for the str, bytes, int and float arguments both accept, UTF-8 text included;
-    redis-py's own packing stays for any other text encoding.
+    redis-py's own packing stays for any other text encoding, and for a command name with
+    a space in it (which redis-py splits into words).
     """
     encoder = connection.encoder
+
+    def by_redis_py(command: tuple[Any, ...]) -> list[bytes]:
+        return connection.pack_command(*command)
+
     if encoder.encoding.lower().replace("-", "") != "utf8" or encoder.encoding_errors != "strict":
-        return lambda command: connection.pack_command(*command)
+        return by_redis_py
 
     def pack(command: tuple[Any, ...]) -> list[bytes]:
+        name = command[0]
+        if not isinstance(name, str) or " " in name:
+            return by_redis_py(command)
         try:
             return [hiredis.pack_command(command)]
         except TypeError:  # as redis-py refuses them: None, bool, anything else

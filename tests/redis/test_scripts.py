@@ -264,6 +264,18 @@ def test_what_redis_py_refuses_to_pack_is_refused(argument: Any) -> None:
         _packer(connection)(("SET", "key", argument))
 
 
+@pytest.mark.parametrize(
+    "command",
+    [("SCRIPT LOAD", "return 1"), (b"SCRIPT LOAD", "return 1"), (b"EVALSHA", "0" * 40, 0)],
+)
+def test_a_name_redis_py_splits_or_takes_as_bytes_is_packed_as_it_does(
+    command: tuple[Any, ...],
+) -> None:
+    """redis-py splits a name with a space in it into words; hiredis would not."""
+    connection = _unconnected()
+    assert b"".join(_packer(connection)(command)) == b"".join(connection.pack_command(*command))
+
+
 def test_another_text_encoding_is_packed_by_redis_py() -> None:
     connection = _unconnected(encoding="latin-1")
     assert _packer(connection)(("SET", "k", "é")) == connection.pack_command("SET", "k", "é")
