@@ -29,14 +29,14 @@ import random
 import secrets
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import uvloop
 from starlette.types import ASGIApp
 
-from bench.run import _forget_keys
+from bench.run import _forget_keys, _service_url, _services
 
 CONCURRENCY = 16
 STATUSES = ("pending", "in_progress", "completed")
@@ -209,18 +209,6 @@ def _short(filename: str) -> str:
     return filename  # a built-in ("~")
 
 
-@contextlib.contextmanager
-def _services(work: Path) -> Iterator[tuple[str, str]]:
-    from testing.services import postgres_server, redis_server, scratch_database
-
-    with (
-        postgres_server(work) as admin,
-        redis_server(work) as redis_url,
-        scratch_database(admin, "taskapp_calls") as url,
-    ):
-        yield url, redis_url
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     from taskapp.database.migrations import upgrade_database
@@ -237,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update({
             "PROMETHEUS_MULTIPROC_DIR": str(metrics),
             "TASKAPP_ENV": "production",
-            "TASKAPP_DATABASE_URL": f"{url.replace('postgresql://', 'postgresql+asyncpg://', 1)}"
-            f"{'&' if '?' in url else '?'}ssl=disable",
+            "TASKAPP_DATABASE_URL": _service_url(url, tls=False),
             "TASKAPP_REDIS_URL": redis_url,
             "TASKAPP_REDIS_KEY_PREFIX": f"calls-{uuid.uuid4().hex[:12]}:",
             "TASKAPP_OIDC_ISSUER": provider.issuer,
