@@ -101,12 +101,11 @@ class LeanRoutes:
 
     def __init__(self, app: ASGIApp, routes: Sequence[Route]) -> None:
         self.app = app
-        self.routes = list(routes)
-        # Each route with the text every path it matches starts with (all of it when the
-        # route has no parameters): most routes are passed over by comparing strings.
+        # Each route, in order, with the text every path it matches starts with (all of it
+        # when the route has no parameters): most routes are passed over by comparing strings.
         self._candidates = [
             (route, route.path_format.split("{", 1)[0], "{" not in route.path_format)
-            for route in self.routes
+            for route in routes
         ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
