@@ -367,13 +367,26 @@ def test_swagger_ui_logs_in_through_keycloak_and_calls_the_api(
         route.fulfill(body=(files / name).read_bytes(), content_type=kind)
 
     authorizations: list[dict[str, str]] = []
+    seen: list[str] = []  # what the browser reported, for a failure's message
     with (
         running_server(["serve", "--workers", "1"], env, port, tmp_path),
         sync_playwright() as playwright,
     ):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
         try:
-            page = browser.new_page()
+            context = browser.new_context()
+            context.on("console", lambda message: seen.append(f"console: {message.text}"))
+            context.on(
+                "requestfailed",
+                lambda request: seen.append(
+                    f"failed: {request.method} {request.url} {request.failure}"
+                ),
+            )
+            context.on(
+                "response",
+                lambda response: seen.append(f"{response.status} {response.url[:120]}"),
+            )
+            page = context.new_page()
             page.route(f"{SWAGGER_UI_CDN}**", serve_swagger_ui)
             page.route("https://fastapi.tiangolo.com/**", lambda route: route.abort())
             page.on(
@@ -385,6 +398,12 @@ def test_swagger_ui_logs_in_through_keycloak_and_calls_the_api(
                 ),
             )
             page.goto(f"{origin}/docs")
+            # The Authorize dialog lists the schemes as resolved when it opens; the OIDC one
+            # is resolved once Swagger UI has read Keycloak's discovery document.
+            page.wait_for_function(
+                "() => ui.authSelectors.definitionsToAuthorize().some(d => d.has('oidc'))",
+                timeout=30_000,
+            )
             page.locator("button.authorize").first.click()
             oidc = page.locator(".auth-container", has_text="authorization_code with PKCE")
             with page.expect_popup() as popup_info:
@@ -396,8 +415,9 @@ def test_swagger_ui_logs_in_through_keycloak_and_calls_the_api(
             assert "code_challenge_method=S256" in login.url
             login.fill("#username", "alice")
             login.fill("#password", keycloak.passwords["alice"])
-            login.click("#kc-login")
-            login.wait_for_event("close", timeout=30_000)
+            # Listening before the click: the popup may close before the click returns.
+            with login.expect_event("close", timeout=30_000):
+                login.click("#kc-login")
             oidc.locator("button", has_text="Logout").wait_for(timeout=10_000)
             page.locator(".modal-ux button.close-modal").click()
 
@@ -408,6 +428,12 @@ def test_swagger_ui_logs_in_through_keycloak_and_calls_the_api(
             status = operation.locator(".live-responses-table tbody .response-col_status").first
             status.wait_for(timeout=10_000)
             assert status.inner_text().strip().startswith("200")
+        except Exception as error:
+            pages = "\n".join(
+                f"page {shown.url}:\n{shown.inner_text('body')[-2000:]}" for shown in context.pages
+            )
+            log = "\n".join(seen[-60:])
+            raise AssertionError(f"{error}\n--- the browser saw:\n{log}\n{pages}") from error
         finally:
             browser.close()
     # The call from /docs carried the token Keycloak issued to the Swagger client for alice.
