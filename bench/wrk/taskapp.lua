@@ -4,8 +4,8 @@
 -- USERS_FILE has one line per user: token <TAB> pages of 10 tasks <TAB> comma-separated task ids
 -- [<TAB> comma-separated ids of their shared projects].
 -- Scenarios: hot (page 1, first user; also what the independent ceiling is loaded with), list
--- (random user, any of their pages, the last included), get, create, patch, mixed (40% list,
--- 40% get, 10% create, 10% patch), tokens (each of the thread's users in turn asks for a page
+-- (random user, one of their first 10 pages), deep (random user, any of their pages, the last
+-- included), get, create, patch, mixed (40% list, 40% get, 10% create, 10% patch), tokens (each of the thread's users in turn asks for a page
 -- far past its tasks: every token presented once, as a client's first request does, without
 -- warming any entry the scenarios read), introduce (the same with GET /users/me).
 -- On the shared data set: shared (random user, one of their first 5 pages), project (one of
@@ -110,8 +110,8 @@ function init(args)
   end
 end
 
-local function list(user)
-  local page = math.random(user.pages)
+local function list(user, pages)
+  local page = math.random(math.min(user.pages, pages))
   return wrk.format("GET", "/tasks?page=" .. page .. "&page_size=10", { Authorization = user.auth })
 end
 
@@ -155,7 +155,9 @@ function request()
   elseif scenario == "assigned" then
     return page_of("/tasks?assignee=me", user, 3)
   elseif scenario == "list" then
-    return list(user)
+    return list(user, 10)
+  elseif scenario == "deep" then
+    return list(user, user.pages)
   elseif scenario == "get" then
     return get(user)
   elseif scenario == "create" then
@@ -165,7 +167,7 @@ function request()
   end
   local roll = math.random(10)
   if roll <= 4 then
-    return list(user)
+    return list(user, 10)
   elseif roll <= 8 then
     return get(user)
   elseif roll == 9 then
