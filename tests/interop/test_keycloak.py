@@ -333,6 +333,15 @@ def swagger_ui_files() -> Path:
     return package
 
 
+def page_text(page: Any) -> str:
+    """A page's address and the end of its text, for a failure's message; never raising
+    (the page may have closed or still be loading)."""
+    try:
+        return f"page {page.url}:\n{page.inner_text('body', timeout=2_000)[-2000:]}"
+    except Exception as exc:
+        return f"page {page.url}: unreadable ({type(exc).__name__})"
+
+
 def allow_swagger_redirect(keycloak: Keycloak, origin: str) -> None:
     """The deployment's own address among the Swagger client's redirect URIs and web
     origins, as whoever serves the API elsewhere than port 8000 sets them."""
@@ -373,8 +382,8 @@ def test_swagger_ui_logs_in_through_keycloak_and_calls_the_api(
         sync_playwright() as playwright,
     ):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        context = browser.new_context()
         try:
-            context = browser.new_context()
             context.on("console", lambda message: seen.append(f"console: {message.text}"))
             context.on(
                 "requestfailed",
@@ -417,7 +426,7 @@ def test_swagger_ui_logs_in_through_keycloak_and_calls_the_api(
             login.fill("#password", keycloak.passwords["alice"])
             # Listening before the click: the popup may close before the click returns.
             with login.expect_event("close", timeout=30_000):
-                login.click("#kc-login")
+                login.click("#kc-login", no_wait_after=True)
             oidc.locator("button", has_text="Logout").wait_for(timeout=10_000)
             page.locator(".modal-ux button.close-modal").click()
 
@@ -429,11 +438,8 @@ def test_swagger_ui_logs_in_through_keycloak_and_calls_the_api(
             status.wait_for(timeout=10_000)
             assert status.inner_text().strip().startswith("200")
         except Exception as error:
-            pages = "\n".join(
-                f"page {shown.url}:\n{shown.inner_text('body')[-2000:]}" for shown in context.pages
-            )
-            log = "\n".join(seen[-60:])
-            raise AssertionError(f"{error}\n--- the browser saw:\n{log}\n{pages}") from error
+            log = "\n".join([*seen[-60:], *map(page_text, context.pages)])
+            raise AssertionError(f"{error}\n--- the browser saw:\n{log}") from error
         finally:
             browser.close()
     # The call from /docs carried the token Keycloak issued to the Swagger client for alice.
