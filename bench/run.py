@@ -188,7 +188,10 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     if args.scenarios is None:
         args.scenarios = "7,8,9" if shared else "1,2,3,4,5,6"
     chosen = {int(n) for n in args.scenarios.split(",")}
-    if shared != (chosen <= SHARED_SCENARIOS) or not chosen <= {s.number for s in SCENARIOS}:
+    unknown = chosen - {s.number for s in SCENARIOS}
+    if unknown:
+        parser.error(f"--scenarios: no scenario {', '.join(map(str, sorted(unknown)))}")
+    if (chosen - SHARED_SCENARIOS) if shared else (chosen & SHARED_SCENARIOS):
         parser.error("scenarios 1-6 and 10 run on --dataset owners, 7-9 on --dataset shared")
     if shared:
         if args.baseline is not None:

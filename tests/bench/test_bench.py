@@ -180,3 +180,26 @@ def test_calls_profiles_the_requests_of_a_kind(
     handler = "create" if kind == "create" else "get"
     assert "taskapp/tasks/service.py" in done.stdout
     assert f"({handler})" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "accepted"),
+    [
+        (["--scenarios", "2,10"], True),
+        (["--scenarios", "7,8,9", "--dataset", "shared"], True),
+        (["--scenarios", "1,7"], False),  # a shared scenario on the owners' data set
+        (["--scenarios", "7,10", "--dataset", "shared"], False),  # and the other way
+        (["--scenarios", "11"], False),
+    ],
+)
+def test_scenarios_run_only_on_their_own_data_set(argv: list[str], accepted: bool) -> None:
+    from bench.run import _arguments
+
+    if accepted:
+        assert {int(n) for n in _arguments(argv).scenarios.split(",")} == {
+            int(n) for n in argv[1].split(",")
+        }
+    else:
+        with pytest.raises(SystemExit) as exited:
+            _arguments(argv)
+        assert exited.value.code == 2
