@@ -5,9 +5,10 @@
 -- [<TAB> comma-separated ids of their shared projects].
 -- Scenarios: hot (page 1, first user; also what the independent ceiling is loaded with), list
 -- (random user, one of their first 10 pages), deep (random user, any of their pages, the last
--- included), get, create, patch, mixed (40% list, 40% get, 10% create, 10% patch), tokens (each of the thread's users in turn asks for a page
--- far past its tasks: every token presented once, as a client's first request does, without
--- warming any entry the scenarios read), introduce (the same with GET /users/me).
+-- included), get, create, patch, mixed (40% list, 40% get, 10% create, 10% patch), tokens
+-- (each of the thread's users in turn asks for a page far past its tasks: every token
+-- presented once, as a client's first request does, without warming any entry the scenarios
+-- read), introduce (the same with GET /users/me).
 -- On the shared data set: shared (random user, one of their first 5 pages), project (one of
 -- their shared projects, one of its first 3 pages), assigned (their tasks, one of the first 3
 -- pages).
